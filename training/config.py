@@ -1,0 +1,152 @@
+"""Training settings: the defaults (the original recipe) live here and only here.
+
+Precedence, lowest first: these defaults; the quick profile when no ``--data`` is given;
+a ``--config`` file (JSON or YAML); command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from training.models import MODEL_NAMES
+
+
+class ConfigError(Exception):
+    """A bad setting, reported as one line without a traceback."""
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # ImageFolder root, or the image folder of a CSV layout
+    labels_csv: str | None = None
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    epochs: int = 30
+    batch_size: int = 50
+    image_size: int = 224
+    lr: float = 6e-4
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    step_size: int = 5  # StepLR: multiply the learning rate by gamma every step_size epochs
+    gamma: float = 0.1
+    patience: int = 10  # early stopping: epochs without a validation-loss improvement
+    min_delta: float = 1e-4  # the smallest decrease of validation loss that counts
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 67
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    workers: int = -1  # data-loader processes; -1 = chosen from the CPU count
+    out: str | None = None  # run folder; default runs/<date-time>
+    init_weights: str | None = None  # torchvision ResNet-34 state dict to start from
+    freeze_epochs: int = 0  # with init_weights: train only the head for this many epochs
+
+    def validate(self) -> "TrainConfig":
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown or not self.models:
+            raise ConfigError(
+                f"unknown model(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(MODEL_NAMES)}"
+            )
+        positive = ("epochs", "batch_size", "image_size", "step_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
+        if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1 \
+                or self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
+        if self.lr <= 0 or self.patience < 1 or self.freeze_epochs < 0:
+            raise ConfigError("lr must be positive, patience at least 1, freeze_epochs at least 0")
+        if self.labels_csv and not self.data:
+            raise ConfigError("--labels-csv needs --data IMAGE_DIR (the folder the filenames are in)")
+        return self
+
+
+# With no --data: the built-in dataset, at a size that trains all three models in a few
+# minutes on two CPU cores.
+QUICK_PROFILE = {"image_size": 48, "batch_size": 32, "epochs": 10, "test_fraction": 0.1}
+
+FLAG_HELP = {
+    "data": "ImageFolder root (or the image folder of --labels-csv); default: the built-in dataset",
+    "labels_csv": "CSV with columns filename,label (filenames relative to --data)",
+    "models": f"comma-separated model names (default: {','.join(MODEL_NAMES)})",
+    "out": "run folder (default: runs/<date-time>)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "workers": "data-loader worker processes (-1: chosen from the CPU count)",
+    "init_weights": "torchvision ResNet-34 state dict (.pth) to initialise matching layers from",
+    "freeze_epochs": "with --init-weights: train only the head for the first K epochs",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description="Train Plain-34, ResNet-34 and ResNet-34-Modified and compare them.",
+        argument_default=argparse.SUPPRESS,  # only flags the user gave override the config
+    )
+    parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                        help="continue a stopped run (default: the newest under runs/)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "models":
+            parser.add_argument(flag, type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+                                help=FLAG_HELP["models"])
+            continue
+        kind = type(default) if default is not None else str
+        parser.add_argument(flag, type=kind, metavar=f.name.upper(),
+                            help=FLAG_HELP.get(f.name, f"default: {default}"))
+    return parser
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as exc:  # any parse error is the user's file, not our bug
+        raise ConfigError(f"cannot parse config file '{path}': {exc}".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of setting: value")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    if isinstance(values.get("models"), str):
+        values["models"] = [m.strip() for m in values["models"].split(",")]
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in '{path}': {', '.join(unknown)}")
+    return values
+
+
+def make_config(overrides: dict) -> TrainConfig:
+    """Defaults, then the quick profile if no data is named, then the overrides."""
+    values = {} if overrides.get("data") else dict(QUICK_PROFILE)
+    values.update(overrides)
+    try:
+        return TrainConfig(**values).validate()
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """Parse the command line; returns the config and the --resume value (or None)."""
+    args = vars(build_parser().parse_args(argv))
+    resume = args.pop("resume", None)
+    overrides = read_config_file(args.pop("config")) if "config" in args else {}
+    overrides.update(args)
+    return make_config(overrides), resume
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,124 @@
+"""One epoch of training, one pass of evaluation, and early stopping."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training import distributed
+from training.data import SplitImages
+from training.distributed import World
+
+
+class EarlyStopping:
+    """Counts epochs *without* an improvement of validation loss by at least ``min_delta``."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.best = math.inf
+        self.bad_epochs = 0
+
+    def step(self, val_loss: float) -> bool:
+        """Record one epoch's validation loss; True when it is a new best."""
+        if val_loss < self.best - self.min_delta:
+            self.best, self.bad_epochs = val_loss, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+
+
+@dataclass
+class Precision:
+    """Mixed precision where it pays: bfloat16 (or float16 with loss scaling) on CUDA only."""
+
+    device: torch.device
+
+    def __post_init__(self):
+        cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.enabled = cuda
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.dtype == torch.float16)
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def train_one_epoch(model: nn.Module, loader, criterion, optimizer, precision: Precision,
+                    device: torch.device, world: World, desc: str) -> tuple[float, float]:
+    """Returns (mean loss, accuracy) over every training sample of every rank."""
+    model.train()
+    loss_sum = correct = count = 0.0
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if world.is_main else True)
+    for images, labels in bar:
+        images, labels = _to_device(images, device), labels.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        n = labels.numel()
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += n
+        bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
+    loss_sum, correct, count = distributed.all_sum([loss_sum, correct, count], world, device)
+    return loss_sum / count, correct / count
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # top-1 class per sample, in the split's order
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: SplitImages, criterion, transform, precision: Precision,
+             device: torch.device, world: World, batch_size: int = 100) -> Evaluation:
+    """Evaluate a whole split; with several processes each takes a shard, results are joined."""
+    model.eval()
+    rows = torch.arange(world.rank, len(split), world.size)
+    loss_sum, predictions = 0.0, []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        images = _to_device(transform(split.images[chunk]), device)
+        labels = split.labels[chunk].to(device)
+        with precision.autocast():
+            logits = model(images)
+        loss_sum += criterion(logits.float(), labels).item() * len(chunk)
+        predictions.append(logits.argmax(1).cpu())
+    predictions = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    (loss_sum,) = distributed.all_sum([loss_sum], world, device)
+    # Shards interleave (rank r holds rows r, r + size, ...): put them back in split order.
+    gathered_rows = distributed.all_gather(rows, world)
+    gathered = distributed.all_gather(predictions, world)
+    ordered = torch.empty_like(gathered)
+    ordered[gathered_rows] = gathered
+    accuracy = (ordered == split.labels).float().mean().item()
+    return Evaluation(loss_sum / len(split), accuracy, ordered, split.labels.clone())

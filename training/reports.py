@@ -1,0 +1,122 @@
+"""What a run leaves for people: metric tables, curves, confusion matrices, the comparison."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text_atomic(Path(path), json.dumps(obj, indent=2) + "\n")
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in history)
+
+
+def plot_curves(path: Path, history: list[dict], title: str, best_epoch: int) -> None:
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in history], "o-", label="validation")
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> dict:
+    out = {}
+    for i, name in enumerate(class_names):
+        tp = int(matrix[i, i])
+        predicted, support = int(matrix[:, i].sum()), int(matrix[i].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return out
+
+
+def plot_confusion(path: Path, matrix: np.ndarray, class_names: list[str], title: str) -> None:
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > threshold else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(value, digits=4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def write_comparison(path: Path, reports: list[dict], run_info: dict) -> None:
+    """The side-by-side table of the models in a run, as Markdown."""
+    has_test = any(r.get("test_accuracy") is not None for r in reports)
+    columns = ["model", "train acc", "val acc", "train loss", "val loss"]
+    if has_test:
+        columns += ["test acc", "test loss"]
+    columns += ["best epoch", "epochs run", "parameters", "mult-adds", "time"]
+    lines = [
+        f"# Comparison: {run_info['dataset']}",
+        "",
+        f"{run_info['classes']} classes; {run_info['split_sizes']}; image size "
+        f"{run_info['image_size']} px; device {run_info['device']}. Metrics at each model's best "
+        "epoch (lowest validation loss).",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c == "model" else "---:" for c in columns) + "|",
+    ]
+    for r in reports:
+        cells = [r["display_name"], _fmt(r["train_accuracy"]), _fmt(r["val_accuracy"]),
+                 _fmt(r["train_loss"]), _fmt(r["val_loss"])]
+        if has_test:
+            cells += [_fmt(r.get("test_accuracy")), _fmt(r.get("test_loss"))]
+        cells += [str(r["best_epoch"]), str(r["epochs_run"]), f"{r['parameters']:,}",
+                  f"{r['mult_adds'] / 1e9:.2f} G", f"{r['seconds']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per-class F1 on the validation split:", "",
+              "| class | " + " | ".join(r["display_name"] for r in reports) + " |",
+              "|---|" + "---:|" * len(reports)]
+    for name in reports[0]["per_class"]:
+        lines.append(f"| {name} | " + " | ".join(_fmt(r["per_class"][name]["f1"], 3) for r in reports) + " |")
+    write_text_atomic(Path(path), "\n".join(lines) + "\n")

@@ -1,0 +1,123 @@
+"""``python -m training.run``: train the three models on one dataset and compare them.
+
+With no arguments: the built-in dataset, quick profile (see training/config.py). Run with
+``torchrun --nproc_per_node N -m training.run ...`` for DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from training import distributed, reports
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, TrainConfig, config_from_args, make_config
+from training.data import DataError, index_csv, index_image_folder, prepare_data
+from training.synthetic import ensure_builtin_dataset
+from training.trainer import train_model
+
+RUNS_DIR = Path("runs")
+
+
+def newest_run(runs_dir: Path = RUNS_DIR) -> Path:
+    runs = sorted((p for p in runs_dir.glob("*") if (p / "config.json").is_file()),
+                  key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
+    if not runs:
+        raise ConfigError(f"no run to resume under '{runs_dir}/'")
+    return runs[-1]
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    if config.out:
+        run_dir = Path(config.out)
+        if (run_dir / "config.json").exists():
+            raise ConfigError(f"'{run_dir}' already holds a run; continue it with --resume "
+                              f"{run_dir} or choose another --out")
+        return run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = RUNS_DIR / stamp, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = RUNS_DIR / f"{stamp}-{n}"
+    return run_dir
+
+
+def resolve_run(config: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path]:
+    """The run folder, and for --resume the config the run was started with."""
+    if not resume:
+        return config, new_run_dir(config)
+    run_dir = Path(config.out) if resume == "latest" and config.out else (
+        newest_run() if resume == "latest" else Path(resume))
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
+    return make_config(json.loads(saved.read_text())), run_dir
+
+
+def load_dataset(config: TrainConfig, world: distributed.World):
+    if config.data:
+        root = Path(config.data)
+    else:
+        if world.is_main:
+            ensure_builtin_dataset()
+        distributed.barrier(world)
+        root = ensure_builtin_dataset()
+        config.data = str(root)
+    index = index_csv(Path(config.labels_csv), root) if config.labels_csv else index_image_folder(root)
+    size = (config.image_size, config.image_size)
+    return prepare_data(index, size, config.val_fraction, config.test_fraction, config.seed)
+
+
+def describe(data, run_dir: Path) -> str:
+    sizes = " / ".join(f"{name} {len(split)}" for name, split in data.splits.items())
+    line = (f"{len(data.class_names)} classes ({', '.join(data.class_names)}); "
+            f"{data.total_files} files: {sizes}")
+    if data.bad_files:
+        line += f"; skipped {len(data.bad_files)} bad file(s), listed in {run_dir / 'bad_files.json'}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    world = distributed.World()
+    try:
+        config, resume = config_from_args(argv)
+        world, device = distributed.init(config.device)
+        config, run_dir = resolve_run(config, resume)
+        run_dir = Path(distributed.broadcast(str(run_dir), world))
+        data = load_dataset(config, world)
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            reports.write_json(run_dir / "config.json", vars(config))
+            reports.write_json(run_dir / "bad_files.json", data.bad_files)
+            reports.write_json(run_dir / "splits.json", {
+                "class_names": data.class_names,
+                **{name: [[p, int(label)] for p, label in zip(split.paths, split.labels.tolist())]
+                   for name, split in data.splits.items()},
+            })
+            print(f"Run folder: {run_dir}\nData: {config.data}: {describe(data, run_dir)}\n"
+                  f"Device: {device}" + (f" x {world.size} processes" if world.distributed else ""),
+                  flush=True)
+        results = [train_model(name, config, data, run_dir / name, world, device)
+                   for name in config.models]
+        if world.is_main:
+            sizes = ", ".join(f"{n} {len(s)}" for n, s in data.splits.items())
+            reports.write_comparison(run_dir / "comparison.md", results, {
+                "dataset": config.data, "classes": len(data.class_names), "split_sizes": sizes,
+                "image_size": config.image_size, "device": f"{device}" + (
+                    f" x {world.size}" if world.distributed else ""),
+            })
+            print("\n" + (run_dir / "comparison.md").read_text(), flush=True)
+        return 0
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        distributed.shutdown(world)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
