@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny generated dataset, a run trained on it, and its exported models.
+
+Everything heavy is session-scoped and built once; tests that change files copy them first.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+TINY_SIZE = 32  # px: the smallest image size training accepts, fast on CPU
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """The built-in dataset's generator at 12 images per class (plus its two broken files)."""
+    from training.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("data") / "tiny", images_per_class=12)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset, tmp_path_factory) -> Path:
+    """All three models trained for one short epoch: real checkpoints, real BN statistics."""
+    from training.run import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-run"
+    code = main(["--data", str(tiny_dataset), "--epochs", "1", "--image-size", str(TINY_SIZE),
+                 "--batch-size", "8", "--workers", "0", "--out", str(run_dir)])
+    assert code == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported_models(trained_run, tmp_path_factory) -> Path:
+    """The tiny run exported to ONNX (with manifest, parity files and examples)."""
+    from export.run import main
+
+    out = tmp_path_factory.mktemp("models") / "models"
+    assert main(["--run", str(trained_run), "--out", str(out)]) == 0
+    return out
+
+
+def run_python(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: float = 600):
+    """Run ``python <args>`` in a subprocess with the project importable."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
