@@ -2,6 +2,7 @@
 
 With no arguments: every model of the newest run under runs/ into models/<model>.onnx, plus
 models/manifest.json, models/<model>.parity.json and a few example images for the app.
+With ``--quantize int8`` also models/<model>.int8.onnx and its report models/<model>.int8.json.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, sha256_of
+from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for, sha256_of
 from export.parity import check_parity
+from export.quantize import CALIBRATION_IMAGES, QuantizeError, compare, quantize_file
+from export.triton import TritonError, write_repository
 from serve.predictor import create_session
 from training import checkpoint
 from training.checkpoint import CheckpointError
@@ -28,6 +31,8 @@ from training.transforms import EvalTransform, decode
 
 EXAMPLES_PER_CLASS = 2
 PARITY_IMAGES = 256  # at most this many validation images go through the parity check
+INT8_REPORT_IMAGES = 1000  # at most this many validation images measure INT8 against FP32
+INT8_TARGETS = {"min_top1_agreement": 0.99, "max_accuracy_drop": 0.01}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,26 +41,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="models", help="output folder (default: models)")
     parser.add_argument("--models", help="comma-separated model names (default: all in the run)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: 18)")
+    parser.add_argument("--triton", metavar="DIR",
+                        help="also write a Triton Inference Server model repository to DIR")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="also write <model>.int8.onnx: static INT8, calibrated on training images")
     return parser.parse_args(argv)
+
+
+def split_images(run_dir: Path, split: str, size: tuple[int, int], limit: int):
+    """One split of the run (splits.json) through the real preprocessing: images, labels, paths."""
+    splits_file = run_dir / "splits.json"
+    listed = json.loads(splits_file.read_text()).get(split, []) if splits_file.is_file() else []
+    transform = EvalTransform()
+    kept, labels, tensors = [], [], []
+    for p, label in listed[:limit]:
+        try:
+            tensors.append(transform(decode(p, size)))
+        except (OSError, ValueError):  # the file changed since training: skip it
+            continue
+        kept.append(p)
+        labels.append(label)
+    if not tensors:
+        return np.empty((0, 3, *size), np.float32), np.empty(0, np.int64), []
+    return torch.stack(tensors).numpy(), np.asarray(labels, np.int64), kept
 
 
 def validation_images(run_dir: Path, size: tuple[int, int], limit: int = PARITY_IMAGES):
     """The run's own validation images through the real preprocessing, and their paths."""
-    splits_file = run_dir / "splits.json"
-    if not splits_file.is_file():
-        return np.empty((0, 3, *size), np.float32), []
-    paths = [p for p, _ in json.loads(splits_file.read_text())["val"]][:limit]
-    transform = EvalTransform()
-    kept, tensors = [], []
-    for p in paths:
-        try:
-            tensors.append(transform(decode(p, size)))
-            kept.append(p)
-        except (OSError, ValueError):  # the file changed since training: parity needs no more
-            continue
-    if not tensors:
-        return np.empty((0, 3, *size), np.float32), []
-    return torch.stack(tensors).numpy(), kept
+    images, _, paths = split_images(run_dir, "val", size, limit)
+    return images, paths
 
 
 def copy_examples(run_dir: Path, out_dir: Path) -> list[str]:
@@ -79,12 +93,47 @@ def copy_examples(run_dir: Path, out_dir: Path) -> list[str]:
     return names
 
 
-def export_one(name: str, run_dir: Path, out_dir: Path, opset: int) -> dict:
+def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path) -> dict:
+    """<model>.int8.onnx from the exported FP32 file, its report, and its manifest entry."""
+    name, size = entry["name"], tuple(ckpt["image_size"])
+    calibration, _, _ = split_images(run_dir, "train", size, CALIBRATION_IMAGES)
+    if not len(calibration):
+        raise ExportError(f"{name}: no training images listed in '{run_dir / 'splits.json'}' "
+                          "to calibrate INT8 on")
+    fp32_path, out_path = out_dir / entry["file"], out_dir / f"{name}.int8.onnx"
+    metadata = metadata_for(ckpt, ckpt_sha256, "int8")
+    tmp = quantize_file(fp32_path, out_path, calibration, metadata)
+    try:
+        images, labels, _ = split_images(run_dir, "val", size, INT8_REPORT_IMAGES)
+        report = compare(create_session(fp32_path), create_session(tmp), images, labels)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meets = report["images"] > 0 and report["top1_agreement"] >= INT8_TARGETS["min_top1_agreement"] \
+        and report["accuracy_drop"] <= INT8_TARGETS["max_accuracy_drop"]
+    report = {"model": name, "file": out_path.name, "fp32_file": fp32_path.name,
+              "calibration_images": len(calibration), "validation": report,
+              "targets": INT8_TARGETS, "meets_targets": meets}
+    write_json(out_dir / f"{name}.int8.json", report)
+    val = report["validation"]
+    summary = "no validation images" if not val["images"] else (
+        f"top-1 agreement {val['top1_agreement']:.1%}, accuracy FP32 {val['fp32_accuracy']:.1%} "
+        f"-> INT8 {val['int8_accuracy']:.1%} on {val['images']} validation images")
+    print(f"{name}: INT8 {summary}" + ("" if meets else " (below the targets)"), flush=True)
+    return {**{k: v for k, v in entry.items() if k != "parity"}, "file": out_path.name,
+            "precision": "int8", "exported_at": metadata["exported_at"],
+            "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
+            "quantization": report}
+
+
+def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: str | None = None) -> list[dict]:
+    """Manifest entries: the FP32 file's, then (with ``quantize``) the INT8 file's."""
     ckpt_path = run_dir / name / "best.pt"
     ckpt = checkpoint.load(ckpt_path)
+    ckpt_sha256 = sha256_of(ckpt_path)
     model = checkpoint.rebuild_model(ckpt, expected_architecture=name)
     out_path = out_dir / f"{name}.onnx"
-    tmp = export_model(ckpt, sha256_of(ckpt_path), out_path, opset)
+    tmp = export_model(ckpt, ckpt_sha256, out_path, opset)
     try:
         images, _ = validation_images(run_dir, tuple(ckpt["image_size"]))
         report = check_parity(model, create_session(tmp), images)
@@ -98,7 +147,7 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int) -> dict:
     from serve.predictor import Predictor
 
     meta = Predictor(out_path).metadata
-    return {
+    entry = {
         "name": name, "file": out_path.name, "precision": "fp32",
         **{k: meta[k] for k in ("display_name", "architecture", "resize", "checkpoint_sha256",
                                 "torch_version", "onnx_version", "exported_at")},
@@ -108,6 +157,7 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int) -> dict:
         "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
         "parity": report.as_dict(),
     }
+    return [entry] + ([quantize_one(entry, ckpt, ckpt_sha256, run_dir, out_dir)] if quantize else [])
 
 
 def main(argv=None) -> int:
@@ -124,13 +174,20 @@ def main(argv=None) -> int:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"Exporting {', '.join(names)} from {run_dir} to {out_dir}/ (opset {args.opset})", flush=True)
-        entries = [export_one(name, run_dir, out_dir, args.opset) for name in names]
+        exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize) for name in names]
+        # FP32 entries first: a reader that ignores "precision" still finds one file per model.
+        entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
+                  [e for per_model in exported for e in per_model if e["precision"] != "fp32"]
         examples = copy_examples(run_dir, out_dir)
         write_json(out_dir / "manifest.json", {"run": str(run_dir), "models": entries, "examples": examples})
         print(f"Wrote {len(entries)} model(s), {len(examples)} example image(s) and "
               f"{out_dir / 'manifest.json'}", flush=True)
+        if args.triton:
+            folders = write_repository(out_dir, Path(args.triton))
+            print(f"Wrote the Triton model repository {args.triton}/: "
+                  + ", ".join(f.name for f in folders), flush=True)
         return 0
-    except (ExportError, CheckpointError, ConfigError) as exc:
+    except (ExportError, QuantizeError, CheckpointError, ConfigError, TritonError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -48,6 +48,15 @@ def exported_models(trained_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def app_url(exported_models):
+    """``python -m serve.app`` serving the exported models, started once in a child process."""
+    from serve.launch import running_app
+
+    with running_app(exported_models) as url:
+        yield url
+
+
 def run_python(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: float = 600):
     """Run ``python <args>`` in a subprocess with the project importable."""
     import subprocess

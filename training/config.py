@@ -39,7 +39,7 @@ class TrainConfig:
     workers: int = -1  # data-loader processes; -1 = chosen from the CPU count
     out: str | None = None  # run folder; default runs/<date-time>
     init_weights: str | None = None  # torchvision ResNet-34 state dict to start from
-    freeze_epochs: int = 0  # with init_weights: train only the head for this many epochs
+    freeze_epochs: int = 0  # with init_weights: keep the loaded layers frozen this many epochs
 
     def validate(self) -> "TrainConfig":
         unknown = [m for m in self.models if m not in MODEL_NAMES]
@@ -76,7 +76,7 @@ FLAG_HELP = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "workers": "data-loader worker processes (-1: chosen from the CPU count)",
     "init_weights": "torchvision ResNet-34 state dict (.pth) to initialise matching layers from",
-    "freeze_epochs": "with --init-weights: train only the head for the first K epochs",
+    "freeze_epochs": "with --init-weights: train only the new layers (head, SE) for the first K epochs",
 }
 
 
@@ -126,7 +126,26 @@ def read_config_file(path: str) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) in '{path}': {', '.join(unknown)}")
-    return values
+    defaults = TrainConfig()
+    return {k: _as_type_of(getattr(defaults, k), k, v, path) for k, v in values.items()}
+
+
+def _as_type_of(default, name: str, value, path: str):
+    """A file's value as its setting's type, as a flag would be: YAML reads ``6e-4`` as a
+    string, JSON may give 3.0 for an integer."""
+    kind = type(default) if default is not None else str
+    if value is None or name == "models" or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    try:
+        if isinstance(value, bool) or kind is str:
+            raise ValueError(value)
+        converted = kind(value)
+        if kind is int and float(value) != converted:
+            raise ValueError(value)  # 2.5 epochs is not a whole number
+        return converted
+    except (TypeError, ValueError):
+        wanted = {int: "a whole number", float: "a number"}.get(kind, "a string")
+        raise ConfigError(f"setting {name} in '{path}' must be {wanted}, got {value!r}") from None
 
 
 def make_config(overrides: dict) -> TrainConfig:
@@ -139,13 +158,21 @@ def make_config(overrides: dict) -> TrainConfig:
         raise ConfigError(str(exc)) from None
 
 
-def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
-    """Parse the command line; returns the config and the --resume value (or None)."""
+# Flags a resumed run still accepts: where to find the run, and how (not what) to compute.
+RESUME_FLAGS = {"out", "device", "workers"}
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, set[str]]:
+    """Parse the command line: the config, the --resume value (or None), the settings given."""
     args = vars(build_parser().parse_args(argv))
     resume = args.pop("resume", None)
+    changed = sorted(set(args) - RESUME_FLAGS)
+    if resume and changed:
+        raise ConfigError("--resume continues a run with the settings it started with; drop "
+                          + ", ".join("--" + k.replace("_", "-") for k in changed))
     overrides = read_config_file(args.pop("config")) if "config" in args else {}
     overrides.update(args)
-    return make_config(overrides), resume
+    return make_config(overrides), resume, set(args)
 
 
 def to_dict(config: TrainConfig) -> dict:

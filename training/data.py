@@ -2,7 +2,7 @@
 
 Layouts:
 - ImageFolder: ``root/<class>/<images>``, or ``root/{train,val[,test]}/<class>/<images>``
-  for splits made in advance (used as given);
+  for splits made in advance (used as given; a lone ``train/`` is split like ``root``);
 - CSV: ``--labels-csv FILE`` with columns ``filename,label`` and ``--data IMAGE_DIR``.
 
 Every file is decoded once, before training (``decode_all``): unusable files are skipped and
@@ -67,7 +67,9 @@ def index_image_folder(root: Path) -> DatasetIndex:
     if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist")
     premade = [s for s in SPLITS if (root / s).is_dir()]
-    if "train" in premade and len(premade) > 1:
+    if premade == ["train"]:  # train/ alone: its classes, with validation split off as usual
+        root, premade = root / "train", []
+    if "train" in premade:
         class_names = [p.name for p in _class_folders(root / "train")]
         splits = {}
         for split in premade:
@@ -219,12 +221,14 @@ def prepare_data(index: DatasetIndex, size: tuple[int, int], val_fraction: float
         bad += split_bad
         decoded[name] = (images, good)
     total = sum(len(s) for s in index.splits.values()) + len(index.bad_files)
-    counts = Counter(s.label for _, good in decoded.values() for s in good)
+    # Every class needs images to train on: with premade splits, in train/ itself.
+    trained_on = [decoded["train"]] if index.presplit else list(decoded.values())
+    counts = Counter(s.label for _, good in trained_on for s in good)
     empty = [index.class_names[c] for c in range(len(index.class_names)) if counts[c] == 0]
     if empty:
         raise DataError(
-            f"class(es) {', '.join(empty)} have no valid images left after skipping "
-            f"{len(bad)} bad file(s)"
+            f"class(es) {', '.join(empty)} have no valid {'training ' if index.presplit else ''}"
+            f"images left after skipping {len(bad)} bad file(s)"
         )
     if not index.presplit:
         images, good = decoded.pop("all")
@@ -263,7 +267,14 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            image = self.transform(self.split.images[i])
+        # One thread: on one small image, waking the other intra-op threads costs more than it
+        # saves (10x the CPU time on 2 busy cores). Loader workers run single-threaded anyway.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                image = self.transform(self.split.images[i])
+        finally:
+            torch.set_num_threads(threads)
         return image, self.split.labels[i]

@@ -53,8 +53,15 @@ def init(preference: str) -> tuple[World, torch.device]:
     device = pick_device(preference, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     return world, device
+
+
+def local_size() -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE): they share its CPU cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def shutdown(world: World) -> None:
@@ -76,6 +83,18 @@ def broadcast(obj, world: World):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP syncs buffers at the start of each forward pass, so after an epoch's last step every
+    rank holds statistics updated by its own last batch. Evaluating (each rank a shard) must
+    use the model rank 0 saves.
+    """
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_sum(values: list[float], world: World, device: torch.device) -> list[float]:
     if not world.distributed:
         return values
@@ -84,10 +103,15 @@ def all_sum(values: list[float], world: World, device: torch.device) -> list[flo
     return t.tolist()
 
 
+def all_gather_objects(obj, world: World) -> list:
+    """Every rank's value of a picklable object, in rank order."""
+    if not world.distributed:
+        return [obj]
+    parts = [None] * world.size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def all_gather(t: torch.Tensor, world: World) -> torch.Tensor:
     """Concatenate a 1-D tensor of any length from every rank, in rank order."""
-    if not world.distributed:
-        return t
-    parts = [None] * world.size
-    dist.all_gather_object(parts, t.cpu())
-    return torch.cat(parts)
+    return torch.cat(all_gather_objects(t.cpu(), world)) if world.distributed else t

@@ -6,13 +6,14 @@ With no arguments: the built-in dataset, quick profile (see training/config.py).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from training import distributed, reports
+from training import distributed, reports, transfer
 from training.checkpoint import CheckpointError
-from training.config import ConfigError, TrainConfig, config_from_args, make_config
+from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config
 from training.data import DataError, index_csv, index_image_folder, prepare_data
 from training.synthetic import ensure_builtin_dataset
 from training.trainer import train_model
@@ -43,7 +44,7 @@ def new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def resolve_run(config: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path]:
+def resolve_run(config: TrainConfig, resume: str | None, given: set[str]) -> tuple[TrainConfig, Path]:
     """The run folder, and for --resume the config the run was started with."""
     if not resume:
         return config, new_run_dir(config)
@@ -52,7 +53,10 @@ def resolve_run(config: TrainConfig, resume: str | None) -> tuple[TrainConfig, P
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
-    return make_config(json.loads(saved.read_text())), run_dir
+    resumed = make_config(json.loads(saved.read_text()))
+    for name in given & RESUME_FLAGS:
+        setattr(resumed, name, getattr(config, name))
+    return resumed, run_dir
 
 
 def load_dataset(config: TrainConfig, world: distributed.World):
@@ -66,7 +70,8 @@ def load_dataset(config: TrainConfig, world: distributed.World):
         config.data = str(root)
     index = index_csv(Path(config.labels_csv), root) if config.labels_csv else index_image_folder(root)
     size = (config.image_size, config.image_size)
-    return prepare_data(index, size, config.val_fraction, config.test_fraction, config.seed)
+    processes = max(1, (os.cpu_count() or 1) // distributed.local_size())  # every rank decodes
+    return prepare_data(index, size, config.val_fraction, config.test_fraction, config.seed, processes)
 
 
 def describe(data, run_dir: Path) -> str:
@@ -81,11 +86,16 @@ def describe(data, run_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     world = distributed.World()
     try:
-        config, resume = config_from_args(argv)
+        config, resume, given = config_from_args(argv)
+        config, run_dir = resolve_run(config, resume, given)
         world, device = distributed.init(config.device)
-        config, run_dir = resolve_run(config, resume)
         run_dir = Path(distributed.broadcast(str(run_dir), world))
+        if config.freeze_epochs and not config.init_weights:
+            raise ConfigError("--freeze-epochs needs --init-weights (a backbone to keep frozen)")
         data = load_dataset(config, world)
+        fresh = [n for n in config.models if not (run_dir / n / "last.pt").exists()]
+        if config.init_weights and fresh:  # refuse a wrong file before a run folder is made
+            transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             reports.write_json(run_dir / "config.json", vars(config))

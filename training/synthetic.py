@@ -1,13 +1,19 @@
-"""The built-in dataset: five classes of procedural drawings, generated deterministically.
+"""The built-in dataset: five classes of procedural textures, generated deterministically.
 
-Each image shows one large shape (the class: circle, square, triangle, star or cross) with a
-random colour, size, aspect, rotation and position, filled or drawn as an outline, over a
-two-colour gradient with noise, line clutter and up to two small shapes of *other* classes as
-distractors. Sizes vary (72 to 128 px per side, not square) and files come in every mode the
-loader must handle: JPEG, RGB/RGBA/palette/greyscale PNG. Two deliberately broken files (a
-truncated JPEG and an empty PNG) show the bad-file report at work.
+Each image shows one large blob (an ellipse or a random convex polygon covering roughly a
+quarter to half of the picture) filled with the class's texture: ``checks`` (a rotated
+checkerboard), ``dots`` (a rotated lattice of discs), ``rings`` (concentric circles around a
+random centre), ``stripes`` (parallel bands) or ``zigzag`` (chevron bands). Scale, angle and
+phase are random. The texture's ink has the class's typical hue with some spread (hues of
+neighbouring classes overlap, so colour is a hint, not the answer) on a greyish paper; the
+blob sits on a muted two-colour gradient with pixel noise, random clutter lines and up to two
+small patches of *other* classes' textures as distractors; some images are blurred.
 
-Nothing is downloaded: the same seed always writes byte-identical files.
+Sizes vary (72 to 128 px per side, rarely square) and files come in the formats and modes a
+real dataset mixes: JPEG (60%), RGB, RGBA, palette and greyscale PNG. Two deliberately broken
+files (a truncated JPEG and an empty PNG) show the bad-file report at work.
+
+Nothing is downloaded: the same seed always writes the same files.
 """
 from __future__ import annotations
 

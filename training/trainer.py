@@ -20,9 +20,28 @@ from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, Trai
 
 
 def default_workers() -> int:
-    """Loader processes: images are decoded already, so a few suffice; none on tiny machines."""
+    """Loader processes: images are decoded already, so a few suffice; none on tiny machines.
+    Processes on one machine (torchrun) share its cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores //= distributed.local_size()
     return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def train_loader(data: PreparedData, config: TrainConfig, world: World, device: torch.device):
+    """The augmented training set, its sampler and the loader that feeds one epoch of it
+    (benchmarks/train.py times this very loader)."""
+    size = (config.image_size, config.image_size)
+    train_set = AugmentedImages(data.splits["train"], TrainTransform(size=size), config.seed)
+    sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank,
+                                 shuffle=True, seed=config.seed)
+    workers = default_workers() if config.workers < 0 else config.workers
+    loader = DataLoader(
+        train_set, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
+        # BatchNorm1d in the modified head cannot train on a batch of one. (Every rank gets
+        # the same number of samples, padded by repeating at most size - 1 of them.)
+        drop_last=len(sampler) % config.batch_size == 1, pin_memory=device.type == "cuda",
+    )
+    return train_set, sampler, loader
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -32,10 +51,16 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def _set_rng_state(saved, world: World, device: torch.device) -> bool:
+    """Restore this rank's generators from a list of per-rank states; False if none fits."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != world.size:
+        return False
+    state = states[world.rank]
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    return True
 
 
 def _wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
@@ -53,8 +78,10 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
     display = ARCHITECTURES[name].display_name
 
     torch.manual_seed(config.seed)
-    model = create_model(name, len(data.class_names))
-    if config.init_weights:
+    model = create_model(name, len(data.class_names))  # the same initial weights on every rank
+    if world.rank:
+        torch.manual_seed(config.seed + world.rank)  # but each rank its own dropout masks
+    if config.init_weights and not last_path.exists():
         transfer.load_init_weights(model, config.init_weights, verbose=world.is_main)
     model.to(device)
     if device.type == "cuda":
@@ -76,31 +103,29 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
         scheduler.load_state_dict(state["scheduler_state"])
         stopper.load_state_dict(state["early_stopping"])
         history, finished = state["history"], state["finished"]
-        _set_rng_state(state["rng"], device)
+        exact = _set_rng_state(state["rng"], world, device)
         start_epoch = state["epoch"] + 1
         if world.is_main:
             print(f"{display}: resuming after epoch {state['epoch']}"
-                  + (" (already finished)" if finished else ""), flush=True)
+                  + (" (already finished)" if finished else "")
+                  + ("" if exact or finished else
+                     f" with {world.size} process(es), not as before: random draws differ "
+                     "from an uninterrupted run"), flush=True)
 
     freezer = transfer.BackboneFreezer(model, config.freeze_epochs)
-    train_set = AugmentedImages(data.splits["train"], TrainTransform(size=size), config.seed)
-    sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank,
-                                 shuffle=True, seed=config.seed)
-    workers = default_workers() if config.workers < 0 else config.workers
-    loader = DataLoader(
-        train_set, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
-        # BatchNorm1d in the modified head cannot train on a batch of one.
-        drop_last=len(sampler) > config.batch_size, pin_memory=device.type == "cuda",
-    )
+    train_set, sampler, loader = train_loader(data, config, world, device)
     eval_transform = EvalTransform()
 
-    epoch = start_epoch - 1
+    trained = None
     for epoch in range(start_epoch, config.epochs + 1):
         if finished:
             break
         started = time.perf_counter()
-        freezer.apply(epoch)
-        trained = _wrap(model, world, device)
+        # DDP registers the parameters that need gradients when it wraps: wrap again when
+        # freezing changes them.
+        if freezer.apply(epoch) or trained is None:
+            del trained
+            trained = _wrap(model, world, device)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -109,6 +134,7 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
             desc=f"{display} {epoch}/{config.epochs}",
         )
         scheduler.step()
+        distributed.broadcast_buffers(model, world)
         val = evaluate(model, data.splits["val"], criterion, eval_transform, precision, device, world)
         improved = stopper.step(val.loss)
         history.append({
@@ -117,6 +143,7 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
             "seconds": time.perf_counter() - started,
         })
         finished = stopper.should_stop or epoch == config.epochs
+        rng = distributed.all_gather_objects(_rng_state(device), world)
         if world.is_main:
             record = checkpoint.model_record(name, model, data.class_names, size, IMAGENET_MEAN, IMAGENET_STD)
             if improved:
@@ -125,7 +152,7 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
             checkpoint.save_atomic({
                 **record, "epoch": epoch, "finished": finished, "history": history,
                 "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-                "early_stopping": stopper.state_dict(), "rng": _rng_state(device),
+                "early_stopping": stopper.state_dict(), "rng": rng,
                 "config": {k: v for k, v in vars(config).items() if v is not None},
             }, last_path)
             print(f"{display:>18} epoch {epoch:>2}/{config.epochs}  lr {lr:.1e}  "
@@ -140,7 +167,8 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
 
     distributed.barrier(world)
     if not best_path.exists():
-        raise RuntimeError(f"{display}: no best checkpoint was written in {model_dir}")
+        raise RuntimeError(f"{display}: no best checkpoint in {model_dir} (with several machines, "
+                           "the run folder must be on storage they all share)")
     return _final_report(name, config, model, best_path, history, data, criterion,
                          eval_transform, precision, device, world, model_dir)
 

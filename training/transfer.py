@@ -6,11 +6,13 @@ Squeeze-and-Excitation blocks and the classifier heads have no counterpart and s
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from training.checkpoint import CheckpointError
+from training.models import create_model
 
 # Below this share of the model's backbone tensors, the file is not a ResNet-34 state dict.
 MIN_MATCHED_SHARE = 0.5
@@ -31,9 +33,17 @@ def _read_state_dict(path: Path) -> dict:
     return state
 
 
-def load_init_weights(model: torch.nn.Module, path: str | Path, verbose: bool = True) -> list[str]:
-    """Copy every tensor whose name and shape match (heads excluded); returns the names loaded."""
-    source = _read_state_dict(Path(path))
+def pretrained_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Parameters with a torchvision ResNet-34 counterpart: all but the SE blocks and the head."""
+    head = model.head_parameter_names()
+    return {n for n, _ in model.named_parameters() if n not in head and ".se." not in n}
+
+
+def matching_tensors(source: dict, model: torch.nn.Module, path) -> dict:
+    """The file's tensors that fit the model by name and shape (never the head).
+
+    Raises CheckpointError when they cover too little of the backbone to be a ResNet-34.
+    """
     target = model.state_dict()
     head = {n for n in target if n.startswith("fc.")}
     loaded = {
@@ -46,8 +56,25 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, verbose: bool = 
             f"'{path}' matches only {len(loaded)} of the model's {len(backbone)} backbone tensors; "
             "expected a torchvision ResNet-34 state dict"
         )
+    return loaded
+
+
+def check_init_weights(path: str | Path, model_names, num_classes: int) -> None:
+    """Refuse an unusable file before any training starts (shapes only: meta tensors)."""
+    source = _read_state_dict(Path(path))
+    for name in model_names:
+        with torch.device("meta"):
+            model = create_model(name, num_classes)
+        matching_tensors(source, model, path)
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path, verbose: bool = True) -> list[str]:
+    """Copy every tensor whose name and shape match (heads excluded); returns the names loaded."""
+    source = _read_state_dict(Path(path))
+    loaded = matching_tensors(source, model, path)
     model.load_state_dict(loaded, strict=False)
     if verbose:
+        target = model.state_dict()
         fresh = [n for n in target if n not in loaded]
         unused = [n for n in source if n not in loaded]
         print(f"Init weights: loaded {len(loaded)} of {len(target)} tensors from {path}; "
@@ -56,23 +83,37 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, verbose: bool = 
     return sorted(loaded)
 
 
-def _summarise(names: list[str], limit: int = 4) -> str:
+def _summarise(names: list[str]) -> str:
+    """Names with block indices folded: 'layer*.*.se.fc1.weight x16' instead of 16 names."""
     if not names:
         return "none"
-    more = f", ... {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    counts: dict[str, int] = {}
+    for name in names:
+        pattern = re.sub(r"^layer\d+\.\d+\.", "layer*.*.", name)
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return ", ".join(p if n == 1 else f"{p} x{n}" for p, n in counts.items())
 
 
 class BackboneFreezer:
-    """Train only the head for the first ``epochs`` epochs, then everything."""
+    """Train only what did not come from the weights file (the head, SE blocks) for the
+    first ``epochs`` epochs, then everything.
+
+    BatchNorm layers stay in training mode: their running statistics adapt to the new data
+    while their weights are frozen.
+    """
 
     def __init__(self, model: torch.nn.Module, epochs: int):
         self.epochs = epochs
-        head = model.head_parameter_names()
+        pretrained = pretrained_parameter_names(model)
         # Only parameters that train at all (Plain-34's unused projections stay frozen).
-        self.backbone = [p for n, p in model.named_parameters() if n not in head and p.requires_grad]
+        self.backbone = [p for n, p in model.named_parameters() if n in pretrained and p.requires_grad]
 
-    def apply(self, epoch: int) -> None:
-        if self.epochs:
-            for p in self.backbone:
-                p.requires_grad_(epoch > self.epochs)
+    def apply(self, epoch: int) -> bool:
+        """Freeze or unfreeze for this epoch; True when the set of trained parameters changed."""
+        if not self.epochs or not self.backbone:
+            return False
+        trainable = epoch > self.epochs
+        changed = self.backbone[0].requires_grad != trainable
+        for p in self.backbone:
+            p.requires_grad_(trainable)
+        return changed

@@ -1,0 +1,35 @@
+# The serving image: the Gradio app and its ONNX models, no torch.
+#   docker build -t resnet-trio .
+#   docker run --rm -p 7860:7860 resnet-trio
+#   docker run --rm -p 7860:7860 -v "$PWD/other-models:/app/models:ro" resnet-trio
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    GRADIO_ANALYTICS_ENABLED=False \
+    HF_HUB_OFFLINE=1
+
+WORKDIR /app
+
+# The "serve" dependencies, read from pyproject.toml (their one home); this layer is rebuilt
+# only when pyproject.toml changes, not when the code or the models do.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+                   print('\n'.join(project['optional-dependencies']['serve']))" > /tmp/serve-requirements.txt \
+    && pip install --no-cache-dir -r /tmp/serve-requirements.txt \
+    && rm /tmp/serve-requirements.txt
+
+# The app runs from source: serve/ and the imaging/ package it shares with training.
+COPY imaging/ imaging/
+COPY serve/ serve/
+COPY models/ models/
+
+RUN useradd --create-home --uid 10001 app
+USER app
+
+EXPOSE 7860
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"
+CMD ["python", "-m", "serve.app", "--host", "0.0.0.0", "--port", "7860"]

@@ -1,0 +1,257 @@
+"""FP32 ONNX file -> INT8 ONNX file: static quantization calibrated on real images.
+
+The recipe (each choice measured with benchmarks/inference.py; see benchmarks/README.md):
+- QDQ format, weights int8 per output channel, activations uint8 calibrated with MinMax on
+  training images through the real preprocessing; ONNX Runtime fuses each
+  DequantizeLinear -> Conv -> QuantizeLinear into one integer convolution (VNNI/AMX on x86).
+  Entropy and Percentile calibration agreed with FP32 no better than MinMax.
+- Weights use 7 of their 8 bits (reduce_range): x86 CPUs without VNNI add pairs of
+  uint8 x int8 products in 16 bits, which full 8-bit weights can overflow. The files may be
+  served anywhere, and 7-bit weights agreed with FP32 as well as 8-bit ones.
+- Quantized: convolutions, max-pooling, the residual additions, the SE blocks' means and
+  channel scaling. Kept float32: the SE gate (a few hundred numbers per block), the final
+  pooling, the classifier head and the softmax (logits and probabilities keep full
+  precision), and the modified model's stem (a 3-channel convolution, faster in float,
+  feeding the pooled Mish).
+- Mish between integer layers: as float32 operators (Exp, Div, ...) it cost more than the
+  convolutions around it. Its input and output are 8-bit anyway, so it becomes
+  x * sigmoid(a x + b), which ONNX Runtime runs as two integer kernels (a 256-entry lookup
+  table and a multiply); see ``mish_lookup_tables``. Where the calibrated ranges do not allow
+  it, Mish stays float.
+
+``python -m export.run --quantize int8`` calls ``quantize_file`` for each exported model.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                      QuantType, quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from export.onnx_export import INPUT_NAME, ExpMish, PooledMish, set_metadata
+from training.models import SqueezeExcite
+
+CALIBRATION_IMAGES = 256  # the most training images calibration reads
+CALIBRATION_BATCH = 16
+# A Relu is folded into its integer convolution; GlobalAveragePool: the SE blocks' means (see
+# _means_as_global_pools).
+QUANTIZED_OPS = ["Conv", "Relu", "MaxPool", "Add", "Mul", "GlobalAveragePool"]
+HIERARCHY = "pkg.torch.onnx.class_hierarchy"  # the exporter's metadata: a node's modules
+# Modules whose nodes quantize_static leaves float.
+FLOAT_MODULES = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in (ExpMish, PooledMish))
+# mish(x) ~ x * sigmoid(A x + B): the best such fit on [-10, 10], off by at most 0.032 (near
+# x = -3), about one step of an 8-bit activation whose range spans 8.
+MISH_SIGMOID_A, MISH_SIGMOID_B = 1.26, 0.57
+
+
+class QuantizeError(Exception):
+    """A quantization that cannot be completed, with a one-line reason."""
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, images: np.ndarray, batch_size: int = CALIBRATION_BATCH):
+        self.batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, np.float32)}
+
+
+def _metadata(node: onnx.NodeProto, key: str) -> str:
+    return next((p.value for p in node.metadata_props if p.key == key), "")
+
+
+def _in_float_module(node: onnx.NodeProto) -> bool:
+    classes = _metadata(node, HIERARCHY)
+    return any(cls in classes for cls in FLOAT_MODULES)
+
+
+def float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes quantize_static must leave float32 (see the module docstring)."""
+    keep = {n.name for n in model.graph.node if _in_float_module(n)}
+    # The stem convolution reads the 3-channel image, where the integer kernel is slower than the
+    # float one (measured): keep it float when everything it feeds stays float anyway.
+    inputs = {i.name for i in model.graph.input}
+    for conv in (n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs):
+        users = [n for n in model.graph.node if conv.output[0] in n.input]
+        if users and all(n.name in keep for n in users):
+            keep.add(conv.name)
+    return [n.name for n in model.graph.node if n.name in keep]
+
+
+def _means_as_global_pools(model: onnx.ModelProto) -> None:
+    """The SE blocks' ReduceMean over H and W -> GlobalAveragePool + Flatten, the same numbers.
+    ONNX Runtime has an integer GlobalAveragePool that reads the convolution's 8-bit output as
+    it is, where a float ReduceMean needs all of it dequantized first."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        axes = node.input[1] if node.op_type == "ReduceMean" and len(node.input) == 2 else ""
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if axes in initializers and list(numpy_helper.to_array(initializers[axes])) == [2, 3] \
+                and keepdims == 0 and SqueezeExcite.__qualname__ in _metadata(node, HIERARCHY):
+            pooled = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0] + "_pooled"],
+                                      name=node.name + "_pool")
+            flat = helper.make_node("Flatten", [pooled.output[0]], [node.output[0]], name=node.name, axis=1)
+            for new in (pooled, flat):  # keep the exporter's metadata (module names)
+                new.metadata_props.extend(node.metadata_props)
+            nodes += [pooled, flat]
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def mish_lookup_tables(model: onnx.ModelProto) -> int:
+    """Replace each float Mish between a DequantizeLinear and a QuantizeLinear by
+    x * sigmoid(A x + B) in QDQ form, which ONNX Runtime fuses into QLinearSigmoid (a lookup
+    table) and QLinearMul. Returns how many were replaced.
+
+    ``A x + B`` costs nothing: it is the DequantizeLinear feeding the sigmoid, with scale A s and
+    zero point z - B / (A s) (s, z: the input's). That zero point must be a uint8; where it is
+    not (a tiny calibrated range), that Mish stays float.
+    """
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            users[name].append(node)
+    instances = defaultdict(list)  # one Mish module -> its nodes (the stem's two calls share one)
+    for node in graph.node:
+        if ExpMish.__qualname__ in _metadata(node, HIERARCHY):
+            scopes = ast.literal_eval(_metadata(node, "pkg.torch.onnx.name_scopes") or "[]")
+            instances[tuple(scopes[:-1])].append(node)
+
+    removed, added = set(), []
+    for nodes in instances.values():
+        names = {n.name for n in nodes}
+        made = {o for n in nodes for o in n.output}
+        inputs = {i for n in nodes for i in n.input if i and i not in made and i not in initializers}
+        outputs = [o for o in made if any(u.name not in names for u in users[o])]
+        sources = [producer.get(i) for i in inputs]
+        if len(outputs) != 1 or [u.op_type for u in users[outputs[0]]] != ["QuantizeLinear"] \
+                or not sources or any(s is None or s.op_type != "DequantizeLinear" for s in sources) \
+                or len({s.input[0] for s in sources}) != 1:
+            continue
+        quantized, scale_name, zero_name = sources[0].input
+        scale = float(numpy_helper.to_array(initializers[scale_name]))
+        zero = int(numpy_helper.to_array(initializers[zero_name]))
+        shifted_zero = round(zero - MISH_SIGMOID_B / (MISH_SIGMOID_A * scale))
+        if not 0 <= shifted_zero <= 255:
+            continue
+        y, p = outputs[0], f"{outputs[0]}_mish_lut_"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(MISH_SIGMOID_A * scale, np.float32), p + "scale"),
+            numpy_helper.from_array(np.array(shifted_zero, np.uint8), p + "zero"),
+            numpy_helper.from_array(np.array(1 / 255, np.float32), p + "gate_scale"),
+            numpy_helper.from_array(np.array(0, np.uint8), p + "gate_zero"),
+        ])
+        added += [
+            helper.make_node("DequantizeLinear", [quantized, p + "scale", p + "zero"], [p + "ax_b"], name=p + "dq_ax_b"),
+            helper.make_node("Sigmoid", [p + "ax_b"], [p + "gate"], name=p + "sigmoid"),
+            helper.make_node("QuantizeLinear", [p + "gate", p + "gate_scale", p + "gate_zero"], [p + "gate_q"], name=p + "q_gate"),
+            helper.make_node("DequantizeLinear", [p + "gate_q", p + "gate_scale", p + "gate_zero"], [p + "gate_dq"], name=p + "dq_gate"),
+            helper.make_node("DequantizeLinear", [quantized, scale_name, zero_name], [p + "x"], name=p + "dq_x"),
+            helper.make_node("Mul", [p + "x", p + "gate_dq"], [y], name=p + "mul"),
+        ]
+        removed |= names
+    _replace_nodes(graph, removed, added)
+    return len(added) // 6
+
+
+def _replace_nodes(graph: onnx.GraphProto, removed: set[str], added: list[onnx.NodeProto]) -> None:
+    """Drop ``removed``, add ``added`` and keep the node list topologically sorted."""
+    pending = [n for n in graph.node if n.name not in removed] + added
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise QuantizeError("graph rewrite left a node without its inputs")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def quantize_file(fp32_path: Path, out_path: Path, calibration: np.ndarray, metadata: dict[str, str],
+                  *, method: CalibrationMethod = CalibrationMethod.MinMax,
+                  reduce_range: bool = True) -> Path:
+    """Quantize ``fp32_path`` into a temporary file next to ``out_path``; returns its path.
+
+    ``calibration``: preprocessed images (N x 3 x H x W float32), N >= 1. ``metadata``
+    replaces the file's metadata (normally the FP32 file's, with precision "int8").
+    The caller renames the file into place once it has checked it, as for FP32 exports.
+    """
+    if len(calibration) == 0:
+        raise QuantizeError(f"{fp32_path.name}: no calibration images")
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            prepared = Path(work) / "prepared.onnx"
+            # Shape inference only: the FP32 graph is optimised already (BatchNorm folded), and
+            # skipping ONNX Runtime's rewrite keeps the node names and metadata used below.
+            quant_pre_process(str(fp32_path), str(prepared), skip_optimization=True,
+                              skip_symbolic_shape=True)
+            graph = onnx.load(str(prepared))
+            _means_as_global_pools(graph)
+            onnx.save(graph, str(prepared))
+            keep_float = float_nodes(graph)
+            quantize_static(
+                str(prepared), str(tmp), _Batches(calibration[:CALIBRATION_IMAGES]),
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=keep_float,
+                calibrate_method=method, calibration_providers=["CPUExecutionProvider"],
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+        proto = onnx.load(str(tmp))
+        mish_lookup_tables(proto)
+        set_metadata(proto, metadata)
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except QuantizeError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise QuantizeError(f"{fp32_path.name}: quantization failed: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return tmp
+
+
+def compare(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray,
+            batch_size: int = CALIBRATION_BATCH) -> dict:
+    """How far INT8 strays from FP32 on labelled images: top-1 agreement and both accuracies."""
+    def predict(session):
+        probs = [session.run(["probabilities"], {INPUT_NAME: images[i:i + batch_size]})[0]
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(probs) if probs else np.empty((0, 0), np.float32)
+
+    n = len(images)
+    if n == 0:
+        return {"images": 0, "top1_agreement": None, "fp32_accuracy": None, "int8_accuracy": None,
+                "accuracy_drop": None, "max_abs_probability_diff": None}
+    fp32, int8 = predict(fp32_session), predict(int8_session)
+    fp32_top, int8_top = fp32.argmax(1), int8.argmax(1)
+    fp32_acc, int8_acc = float((fp32_top == labels).mean()), float((int8_top == labels).mean())
+    return {
+        "images": n,
+        "top1_agreement": float((fp32_top == int8_top).mean()),
+        "fp32_accuracy": fp32_acc,
+        "int8_accuracy": int8_acc,
+        "accuracy_drop": fp32_acc - int8_acc,
+        "max_abs_probability_diff": float(np.abs(fp32 - int8).max()),
+    }

@@ -1,0 +1,114 @@
+"""``python -m serve.app``: serve the exported models side by side in a Gradio page and API.
+
+    python -m serve.app                       # models/ on http://127.0.0.1:7860
+    python -m serve.app --models other/ --port 8000 --precision int8
+
+Every model of the chosen precision in DIR/manifest.json is loaded once, at start; a start-up
+problem (no folder, no models, a broken or metadata-less .onnx file, class names that differ,
+a port in use) ends the program with one line on stderr and exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+
+# Before Gradio is imported: nothing phones home.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import imaging  # noqa: E402
+from serve.catalog import PRECISIONS, CatalogError, load_catalog  # noqa: E402
+
+MAX_UPLOAD = "50mb"  # larger uploads are refused before they reach the decoder
+MAX_WAITING = 64  # requests beyond this many waiting in the queue are turned away
+QUEUE_POLL_SECONDS = 0.005
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve.app", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="models", help="folder with manifest.json (default: models)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="which exported models to serve (default: fp32)")
+    parser.add_argument("--concurrency", type=positive_int, default=1,
+                        help="requests classified at the same time; others wait in the queue "
+                             "(default: 1, each request already uses every core)")
+    parser.add_argument("--max-pixels", type=positive_int, default=imaging.DEFAULT_MAX_PIXELS,
+                        help="refuse larger images before decoding them "
+                             f"(default: {imaging.DEFAULT_MAX_PIXELS:,})")
+    return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, checked before the models are loaded."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot resolve host '{host}': {exc.strerror}"
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"port {port} on {host} is not available ({exc.strerror}); choose another with --port"
+    return None
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    try:
+        catalog = load_catalog(args.models, args.precision)
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Loaded {', '.join(p.display_name for p in catalog.predictors)} "
+          f"({catalog.precision}) from {catalog.folder}", flush=True)
+
+    import gradio as gr
+
+    from serve.ui import build_demo
+
+    demo = build_demo(catalog, args.max_pixels)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=MAX_WAITING)
+    # Gradio's queue looks for work every 1 ms, idle or busy: about 9% of a core for nothing,
+    # and the wake-ups slow the models of a running request. A 5 ms look costs a request at
+    # most 5 ms of waiting. (A private setting: left alone if Gradio renames it.)
+    if hasattr(getattr(demo, "_queue", None), "sleep_when_free"):
+        demo._queue.sleep_when_free = QUEUE_POLL_SECONDS
+    # A container's PID 1 gets SIGTERM on stop: close the server as Ctrl-C would.
+    signal.signal(signal.SIGTERM, interrupt)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # no web fonts fetched
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD,
+                    ssr_mode=False, mcp_server=False, pwa=False, theme=theme,
+                    run_history=False, footer_links=["api", "settings"])  # no history kept
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {str(exc).splitlines()[0]}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

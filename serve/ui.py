@@ -1,0 +1,126 @@
+"""The Gradio page and its API: one image in, every model's answer side by side.
+
+``classify`` is the API (``/classify``): it takes the uploaded file's path, decodes it with
+imaging.load_rgb (the same checks as training: pixel limit before decoding, first frame, any
+mode to RGB) and returns one plain dict per model. The page shows that result in a collapsed
+"API result" box and then draws the model columns from it in a second, unqueued step.
+"""
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+import imaging
+from serve.catalog import Catalog
+
+log = logging.getLogger("serve")
+TITLE = "ResNet-34 variants side by side"
+UPLOAD_CACHE_SECONDS = 3600  # uploaded files are deleted after an hour
+
+
+def uploaded_file(payload: dict | None) -> str | None:
+    """The uploaded file's path in Gradio's cache, not decoded yet.
+
+    The Classify event runs with preprocess=False: Gradio's own image conversion would open
+    the file first and fail on non-images with an unreadable error, so one decoder,
+    imaging.load_rgb, checks every file and words every refusal.
+    """
+    return payload.get("path") if payload else None
+
+
+def classify_image(catalog: Catalog, source, max_pixels: int) -> list[dict]:
+    """Every model's answer for one image file (path or bytes), in the catalog's order."""
+    if source is None:
+        raise gr.Error("Choose an image first (upload, paste or take a photo).", print_exception=False)
+    try:
+        image = imaging.load_rgb(source, max_pixels)
+    except (imaging.ImageError, OSError) as exc:
+        raise gr.Error(f"Cannot classify this file: {exc}.", print_exception=False) from None
+    results = []
+    for model in catalog.predictors:
+        try:
+            prediction = model.predict(image)
+        except Exception:  # noqa: BLE001 - log it here, tell the user one line
+            log.exception("%s failed", model.name)
+            raise gr.Error(f"{model.display_name} failed on this image; see the server log.",
+                           print_exception=False) from None
+        results.append({
+            "model": model.name,
+            "display_name": model.display_name,
+            "precision": model.precision,
+            "top_class": prediction.top_class,
+            "confidences": prediction.probabilities,
+            "milliseconds": round(prediction.milliseconds, 3),
+        })
+    return results
+
+
+def verdict(results: list[dict], precision: str) -> str:
+    """One line: do the models agree, and which precision is served."""
+    tops = [r["top_class"] for r in results]
+    if len(results) == 1:
+        text = f"One model loaded: **{tops[0]}**."
+    elif len(set(tops)) == 1:
+        text = f"All {len(results)} models agree: **{tops[0]}**."
+    else:
+        text = "The models disagree: " + ", ".join(f"{r['display_name']} says **{r['top_class']}**"
+                                                  for r in results) + "."
+    return f"{text} ({precision.upper()} models)"
+
+
+def build_demo(catalog: Catalog, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> gr.Blocks:
+    models = catalog.predictors
+    classes = catalog.class_names
+
+    def classify(image_payload):
+        return classify_image(catalog, uploaded_file(image_payload), max_pixels)
+
+    def show(results):
+        values = [verdict(results, catalog.precision)]
+        for r in results:
+            values += [r["top_class"], r["confidences"], f"{r['milliseconds']:.1f} ms"]
+        return values
+
+    def clear():
+        return [""] + ["", None, ""] * len(models)
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False,
+                   delete_cache=(UPLOAD_CACHE_SECONDS, UPLOAD_CACHE_SECONDS)) as demo:
+        gr.Markdown(f"# {TITLE}\n{len(models)} model(s), {catalog.precision.upper()}, "
+                    f"{len(classes)} classes: {', '.join(classes)}. "
+                    "Upload, paste or photograph an image and press Classify.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                image = gr.Image(type="filepath", image_mode=None, label="Image", height=280,
+                                 sources=["upload", "clipboard", "webcam"], elem_id="image")
+                button = gr.Button("Classify", variant="primary", elem_id="classify")
+                if catalog.examples:
+                    gr.Examples([[str(p)] for p in catalog.examples], inputs=[image],
+                                example_labels=[p.stem for p in catalog.examples],
+                                label="Examples (click one)")
+            with gr.Column(scale=max(2, len(models))):
+                agreement = gr.Markdown(elem_id="verdict")
+                outputs = [agreement]
+                with gr.Row(equal_height=True):
+                    for model in models:
+                        with gr.Column(min_width=200, elem_id=f"model-{model.name}"):
+                            gr.Markdown(f"### {model.display_name}")
+                            outputs += [
+                                gr.Textbox(label="Top class", interactive=False,
+                                           elem_id=f"top-{model.name}"),
+                                gr.Label(num_top_classes=len(classes), label="Probabilities",
+                                         show_heading=False, elem_id=f"probs-{model.name}"),
+                                gr.Textbox(label="Time", interactive=False,
+                                           elem_id=f"ms-{model.name}"),
+                            ]
+        with gr.Accordion("API result", open=False):
+            api_result = gr.JSON(label="/classify", elem_id="api-result")
+
+        button.click(classify, inputs=image, outputs=api_result, api_name="classify",
+                     preprocess=False).success(
+            show, inputs=api_result, outputs=outputs, queue=False, show_progress="hidden",
+            api_visibility="private")
+        image.change(clear, outputs=outputs, queue=False, show_progress="hidden",
+                     api_visibility="private")
+    return demo

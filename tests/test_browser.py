@@ -1,0 +1,106 @@
+"""The page as a person uses it: headless Chromium (Playwright) uploads, clicks, reads.
+
+Needs Debian's Chromium at /usr/bin/chromium (scripts/install-test-tools). Screenshots go to
+the test's tmp folder; set APP_SCREENSHOT=path to keep a copy of the result page there
+(docs/screenshot.png is made that way).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import imaging
+from serve.predictor import Predictor
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+TIMEOUT_MS = 60_000  # the machine is shared and slow; nothing here is a timing assertion
+
+
+@pytest.fixture(scope="module")
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (run scripts/install-test-tools)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        yield page
+        browser.close()
+
+
+def upload_and_classify(page, url: str, path: Path, accepted: bool = True) -> None:
+    page.goto(url)
+    page.locator("#image input[type=file]").set_input_files(str(path))
+    if accepted:  # the upload has finished once the page shows it
+        page.locator("#image img").first.wait_for(state="attached")
+    page.locator("#classify").click()
+
+
+def test_upload_classify_shows_every_model(page, app_url, exported_models, tmp_path):
+    from playwright.sync_api import expect
+
+    manifest = json.loads((exported_models / "manifest.json").read_text())
+    example = exported_models / manifest["examples"][0]  # named after its class, e.g. checks_1.png
+    classes = manifest["models"][0]["class_names"]
+    assert example.stem.rsplit("_", 1)[0] in classes
+    upload_and_classify(page, app_url, example)
+
+    image = imaging.load_rgb(example)
+    for entry in manifest["models"]:
+        expected_top = Predictor(exported_models / entry["file"]).predict(image).top_class
+        column = page.locator(f"#model-{entry['name']}")
+        expect(column).to_contain_text(entry["display_name"])
+        expect(page.locator(f"#top-{entry['name']} textarea")).to_have_value(expected_top)
+        probs = page.locator(f"#probs-{entry['name']}")
+        for name in classes:  # every class is listed with a percentage
+            expect(probs).to_contain_text(name)
+        assert len(re.findall(r"\d+(?:\.\d+)?%", probs.inner_text())) == len(classes)
+        expect(page.locator(f"#ms-{entry['name']} textarea")).to_have_value(re.compile(r"^\d+\.\d ms$"))
+    expect(page.locator("#verdict")).to_contain_text(re.compile(r"agree|disagree"))
+    expect(page.locator("#verdict")).to_contain_text("FP32")
+
+    shot = tmp_path / "app.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("APP_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["APP_SCREENSHOT"])
+
+
+def test_non_image_upload_shows_a_readable_error(page, app_url, tmp_path):
+    from playwright.sync_api import expect
+
+    fake = tmp_path / "holiday.jpg"  # an image's name, but text inside: the server must refuse it
+    fake.write_text("these are not the pixels you are looking for\n")
+    upload_and_classify(page, app_url, fake)
+    expect(page.locator(".toast-body")).to_contain_text(
+        "Cannot classify this file: not an image file Pillow can read")
+    page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
+
+    notes = tmp_path / "notes.txt"  # the page itself refuses other file types, also readably
+    notes.write_text("hello\n")
+    upload_and_classify(page, app_url, notes, accepted=False)
+    expect(page.locator(".toast-body").first).to_contain_text("Invalid file type")
+
+
+def test_clicking_an_example_classifies_it(page, app_url, exported_models):
+    from playwright.sync_api import expect
+
+    manifest = json.loads((exported_models / "manifest.json").read_text())
+    example = exported_models / manifest["examples"][-1]
+    page.goto(app_url)
+    page.get_by_text(example.stem, exact=True).click()
+    page.locator("#image img").first.wait_for(state="attached")
+    page.locator("#classify").click()
+    expected = Predictor(exported_models / manifest["models"][0]["file"]).predict_file(example).top_class
+    expect(page.locator(f"#top-{manifest['models'][0]['name']} textarea")).to_have_value(expected)

@@ -1,0 +1,162 @@
+"""INT8 export: valid files with their own metadata, integer kernels where they pay, float where
+precision needs it, predictions close to FP32, a report and manifest entries."""
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import TINY_SIZE
+from export.onnx_export import INPUT_NAME, METADATA_KEYS
+from export.quantize import MISH_SIGMOID_A, MISH_SIGMOID_B, QuantizeError, compare, quantize_file
+from export.run import split_images
+from serve.predictor import Predictor, create_session
+
+QUANTIZED = ("resnet34", "resnet34_modified")  # Plain-34's ops are a subset of ResNet-34's
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained_run, tmp_path_factory):
+    from export.run import main
+
+    out = tmp_path_factory.mktemp("int8") / "models"
+    assert main(["--run", str(trained_run), "--out", str(out), "--models", ",".join(QUANTIZED),
+                 "--quantize", "int8"]) == 0
+    return out
+
+
+def _meta(path):
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def test_manifest_lists_each_int8_file_after_the_fp32_files(int8_export):
+    entries = json.loads((int8_export / "manifest.json").read_text())["models"]
+    assert [(e["name"], e["precision"]) for e in entries] == \
+        [(n, "fp32") for n in QUANTIZED] + [(n, "int8") for n in QUANTIZED]
+    fp32 = {e["name"]: e for e in entries if e["precision"] == "fp32"}
+    for entry in (e for e in entries if e["precision"] == "int8"):
+        path = int8_export / entry["file"]
+        assert entry["file"] == f"{entry['name']}.int8.onnx" and path.is_file()
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["size_bytes"] == path.stat().st_size
+        # INT8 weights: a quarter of the float32 bytes, plus scales and float layers
+        assert entry["size_bytes"] < 0.4 * fp32[entry["name"]]["size_bytes"]
+        for key in ("class_names", "input_size", "mean", "std", "display_name", "checkpoint_sha256"):
+            assert entry[key] == fp32[entry["name"]][key]
+        assert entry["quantization"] == json.loads((int8_export / f"{entry['name']}.int8.json").read_text())
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_int8_file_carries_the_fp32_metadata_with_precision_int8(int8_export, name):
+    fp32, int8 = _meta(int8_export / f"{name}.onnx"), _meta(int8_export / f"{name}.int8.onnx")
+    assert set(METADATA_KEYS) <= set(int8)
+    assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
+    for key in set(METADATA_KEYS) - {"precision", "exported_at"}:
+        assert int8[key] == fp32[key], key
+    predictor = Predictor(int8_export / f"{name}.int8.onnx")
+    assert predictor.precision == "int8" and predictor.input_size == (TINY_SIZE, TINY_SIZE)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_int8_graph_is_qdq_and_runs_integer_convolutions(int8_export, name, tmp_path):
+    path = int8_export / f"{name}.int8.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    weights = {i.name: i for i in model.graph.initializer}
+    int8_weights = {n.output[0]: weights[n.input[0]] for n in model.graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in weights
+                    and weights[n.input[0]].data_type == onnx.TensorProto.INT8}
+    dequantized_scale = {n.output[0]: weights[n.input[1]] for n in model.graph.node
+                         if n.output[0] in int8_weights}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    quantized = [n for n in convs if n.input[1] in int8_weights]
+    assert len(convs) >= 36 and len(quantized) >= len(convs) - 1  # the stem may stay float
+    for conv in quantized:  # one scale per output channel
+        assert np.prod(dequantized_scale[conv.input[1]].dims) == int8_weights[conv.input[1]].dims[0] > 1
+    # Logits and probabilities come from float layers, not from a DequantizeLinear.
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert {producers[o.name].op_type for o in model.graph.output} <= {"Gemm", "Softmax", "MatMul", "Add"}
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"),
+                                              load_external_data=False).graph.node]
+    assert optimized.count("QLinearConv") == len(quantized)  # ONNX Runtime fused every Q/DQ pair
+
+
+def test_mish_sigmoid_form_is_within_a_quantization_step():
+    x = torch.linspace(-20, 20, 400001)
+    approx = x * torch.sigmoid(MISH_SIGMOID_A * x + MISH_SIGMOID_B)
+    assert float((approx - torch.nn.functional.mish(x)).abs().max()) < 0.033
+
+
+def test_mish_between_integer_layers_runs_as_lookup_tables(int8_export, tmp_path):
+    fp32 = onnx.load(str(int8_export / "resnet34_modified.onnx"), load_external_data=False)
+    path = int8_export / "resnet34_modified.int8.onnx"
+    int8 = onnx.load(str(path), load_external_data=False)
+    produced_by = {o: n for n in int8.graph.node for o in n.output}
+    luts = [n for n in int8.graph.node if n.op_type == "Sigmoid"
+            and produced_by[n.input[0]].op_type == "DequantizeLinear"]
+    exps = lambda model: sum(n.op_type == "Exp" for n in model.graph.node)
+    # 33 Mish: all but the stem's (float) and the last (it feeds the float head) may become
+    # tables; a tiny calibrated range can keep a few float.
+    assert exps(fp32) == 33 + 1 and len(luts) >= 20 and exps(int8) == exps(fp32) - len(luts)
+    for node in int8.graph.node:  # no intermediate value of a float Mish is quantized
+        if node.op_type == "QuantizeLinear":
+            assert produced_by.get(node.input[0], node).op_type not in ("Exp", "Clip")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"),
+                                              load_external_data=False).graph.node]
+    assert optimized.count("QLinearSigmoid") == len(luts)  # each a 256-entry lookup table
+    # The SE blocks' means read the 8-bit convolution outputs; only the final pooling is float.
+    assert optimized.count("QLinearGlobalAveragePool") == 16 and optimized.count("ReduceMean") == 1
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_int8_predictions_close_to_fp32(trained_run, int8_export, name):
+    images, labels, _ = split_images(trained_run, "val", (TINY_SIZE, TINY_SIZE), 1000)
+    fp32 = create_session(int8_export / f"{name}.onnx")
+    int8 = create_session(int8_export / f"{name}.int8.onnx")
+    on_images = compare(fp32, int8, images, labels)
+    # Barely trained models sit near ties, so assert closeness rather than identical answers
+    # (and only on real images: INT8 ranges are calibrated for them, not for noise).
+    assert on_images["top1_agreement"] >= 0.8
+    probs32 = fp32.run(None, {INPUT_NAME: images})[1]
+    probs8 = int8.run(None, {INPUT_NAME: images})[1]
+    assert np.allclose(probs8.sum(1), 1, atol=1e-5)
+    assert np.abs(probs8 - probs32).mean() < 0.02
+    report = json.loads((int8_export / f"{name}.int8.json").read_text())
+    assert report["validation"]["images"] == len(images)
+    assert report["validation"]["top1_agreement"] == pytest.approx(on_images["top1_agreement"])
+    assert report["validation"]["accuracy_drop"] == pytest.approx(
+        report["validation"]["fp32_accuracy"] - report["validation"]["int8_accuracy"])
+
+
+def test_quantize_needs_calibration_images(int8_export, tmp_path):
+    with pytest.raises(QuantizeError, match="no calibration images"):
+        quantize_file(int8_export / "resnet34.onnx", tmp_path / "x.int8.onnx",
+                      np.empty((0, 3, TINY_SIZE, TINY_SIZE), np.float32), {"precision": "int8"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_without_training_images_fails_cleanly(trained_run, tmp_path, capsys):
+    from export.run import main
+
+    run = tmp_path / "run"
+    (run / "resnet34").mkdir(parents=True)
+    (run / "resnet34" / "best.pt").write_bytes((trained_run / "resnet34" / "best.pt").read_bytes())
+    splits = json.loads((trained_run / "splits.json").read_text())
+    (run / "splits.json").write_text(json.dumps({**splits, "train": []}))
+    out = tmp_path / "models"
+    assert main(["--run", str(run), "--out", str(out), "--quantize", "int8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "calibrate" in err[0], err
+    assert not (out / "resnet34.int8.onnx").exists()

@@ -1,0 +1,472 @@
+"""The training loop: fresh augmentation, early stopping, best weights, exact resume, checkpoints,
+configuration and reports."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY_SIZE, run_python
+from training import checkpoint
+from training.checkpoint import CheckpointError, rebuild_model
+from training.config import QUICK_PROFILE, ConfigError, TrainConfig, config_from_args
+from training.data import AugmentedImages, SplitImages
+from training.engine import EarlyStopping
+from training.models import ARCHITECTURES, MODEL_NAMES, count_parameters
+from training.reports import HISTORY_COLUMNS
+from training.transforms import EvalTransform, TrainTransform, decode
+
+SIZE = (TINY_SIZE, TINY_SIZE)
+EXPECTED_PARAMETERS = {"plain34": 21_287_237, "resnet34": 21_287_237, "resnet34_modified": 21_708_101}
+
+
+# --- augmentation drawn fresh every epoch ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def augmented():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, *SIZE), dtype=torch.uint8, generator=g)
+    split = SplitImages(images, torch.arange(6) % 2, [f"img{i}.png" for i in range(6)])
+    return split, TrainTransform(size=SIZE)
+
+
+def _sample(split, transform, seed, epoch, index):
+    dataset = AugmentedImages(split, transform, seed)
+    dataset.set_epoch(epoch)
+    return dataset[index][0]
+
+
+def test_augmentation_is_fresh_every_epoch(augmented):
+    split, transform = augmented
+    first, second = (_sample(split, transform, seed=1, epoch=e, index=0) for e in (1, 2))
+    assert first.shape == (3, *SIZE) and first.dtype == torch.float32
+    assert not torch.allclose(first, second)
+    # ... and it is an augmentation: not the plain validation view of the image.
+    assert not torch.allclose(first, EvalTransform()(split.images[0]))
+
+
+def test_augmentation_is_reproducible_per_seed_epoch_index(augmented):
+    split, transform = augmented
+    a = _sample(split, transform, seed=1, epoch=3, index=2)
+    assert torch.equal(a, _sample(split, transform, seed=1, epoch=3, index=2))
+    assert not torch.allclose(a, _sample(split, transform, seed=2, epoch=3, index=2))
+    # Two samples of one epoch get different draws, not the same crop of different pictures.
+    assert not torch.allclose(a, _sample(split, transform, seed=1, epoch=3, index=3))
+
+
+def test_augmentation_leaves_the_global_rng_alone(augmented):
+    split, transform = augmented
+    state = torch.get_rng_state()
+    _sample(split, transform, seed=1, epoch=1, index=0)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_augmentation_does_not_depend_on_workers(augmented):
+    split, transform = augmented
+    dataset = AugmentedImages(split, transform, seed=4)
+
+    def batches(workers):
+        out = []
+        for epoch in (1, 2):
+            dataset.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers)
+            out += [images for images, _ in loader]
+        return torch.cat(out)
+
+    in_process = batches(0)
+    assert torch.equal(in_process, batches(2))
+    assert not torch.allclose(in_process[:6], in_process[6:])  # the two epochs differ
+
+
+# --- early stopping ----------------------------------------------------------------------------
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stopper = EarlyStopping(patience=3, min_delta=0.1)
+    # loss:        1.0   0.95 (< delta)  0.85 (new best)  0.80  0.79  0.76 (still < 0.75 needed)
+    losses = [1.0, 0.95, 0.85, 0.80, 0.79, 0.76]
+    improved = [stopper.step(v) for v in losses[:5]]
+    assert improved == [True, False, True, False, False]
+    assert stopper.best == 0.85 and stopper.bad_epochs == 2 and not stopper.should_stop
+    assert stopper.step(losses[5]) is False
+    assert stopper.should_stop and stopper.bad_epochs == 3
+
+
+def test_early_stopping_never_stops_while_improving():
+    stopper = EarlyStopping(patience=2, min_delta=0.01)
+    for i in range(50):
+        assert stopper.step(10.0 - 0.1 * i)
+        assert not stopper.should_stop
+
+
+def test_early_stopping_state_round_trip():
+    stopper = EarlyStopping(patience=2, min_delta=0.0)
+    for v in (3.0, 2.0, 2.5):
+        stopper.step(v)
+    restored = EarlyStopping(patience=2, min_delta=0.0)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.step(2.0) is False  # equal is not better
+    assert restored.should_stop
+
+
+# --- runs on tiny data ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from training.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("small") / "data", images_per_class=6, seed=3)
+
+
+RESUME_MODEL = "resnet34_modified"  # dropout draws from the global RNG: the resume must restore it
+RESUME_EPOCHS = 2
+# One thread per run: the two runs go side by side on small machines, with equal arithmetic.
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def _train_args(data: Path, out: Path) -> list[str]:
+    return ["-m", "training.run", "--data", str(data), "--models", RESUME_MODEL,
+            "--epochs", str(RESUME_EPOCHS), "--image-size", str(TINY_SIZE), "--batch-size", "8",
+            "--workers", "0", "--out", str(out)]
+
+
+def _killed_after_first_checkpoint(args: list[str], last_pt: Path) -> subprocess.CompletedProcess:
+    """Start a run and SIGKILL it as soon as it has finished an epoch (last.pt exists)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **SINGLE_THREAD}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not last_pt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+@pytest.fixture(scope="module")
+def resume_runs(small_data, tmp_path_factory):
+    """(uninterrupted run folder, killed-then-resumed run folder, the killed epoch)."""
+    base = tmp_path_factory.mktemp("resume")
+    full, resumed = base / "full", base / "resumed"
+    last_pt = resumed / RESUME_MODEL / "last.pt"
+    with ThreadPoolExecutor(2) as pool:  # the uninterrupted run and the doomed one, side by side
+        full_job = pool.submit(run_python, _train_args(small_data, full), env=SINGLE_THREAD, timeout=600)
+        killed = _killed_after_first_checkpoint(_train_args(small_data, resumed), last_pt)
+        full_result = full_job.result()
+    assert full_result.returncode == 0, full_result.stderr
+    assert killed.returncode == -signal.SIGKILL, killed.stdout
+    killed_epoch = torch.load(last_pt, weights_only=True)["epoch"]
+    assert killed_epoch < RESUME_EPOCHS, "the run finished before it could be killed"
+    assert not (resumed / RESUME_MODEL / "report.json").exists()
+    again = run_python(["-m", "training.run", "--resume", str(resumed)], env=SINGLE_THREAD, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming after epoch {killed_epoch}" in again.stdout
+    return full, resumed, killed_epoch
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(resume_runs):
+    full, resumed, killed_epoch = resume_runs
+    assert 1 <= killed_epoch < RESUME_EPOCHS
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(full / RESUME_MODEL / name, weights_only=True)
+        b = torch.load(resumed / RESUME_MODEL / name, weights_only=True)
+        assert a["epoch"] == b["epoch"]
+        assert a["model_state"].keys() == b["model_state"].keys()
+        for key, tensor in a["model_state"].items():
+            assert torch.equal(tensor, b["model_state"][key]), f"{name}: {key} differs"
+    a = torch.load(full / RESUME_MODEL / "last.pt", weights_only=True)
+    b = torch.load(resumed / RESUME_MODEL / "last.pt", weights_only=True)
+    assert a["epoch"] == RESUME_EPOCHS and a["finished"] and b["finished"]
+    assert _without_seconds(a["history"]) == _without_seconds(b["history"])
+    assert a["early_stopping"] == b["early_stopping"]
+    for index, state in a["optimizer_state"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer_state"]["state"][index][key]))
+
+    def history_csv(run):
+        with open(run / RESUME_MODEL / "history.csv") as f:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+    assert history_csv(full) == history_csv(resumed)
+    assert len(history_csv(full)) == RESUME_EPOCHS
+    report_a = json.loads((full / RESUME_MODEL / "report.json").read_text())
+    report_b = json.loads((resumed / RESUME_MODEL / "report.json").read_text())
+    for key in ("best_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "per_class"):
+        assert report_a[key] == report_b[key], key
+
+
+def test_resume_refuses_changed_settings(resume_runs):
+    full, _, _ = resume_runs
+    from training.run import main
+
+    assert main(["--resume", str(full), "--epochs", "9"]) == 2
+
+
+@pytest.fixture(scope="module")
+def early_stopped_run(small_data, tmp_path_factory):
+    """A run that stops early: settings from a YAML file (lr written as 6e-4), one from a flag."""
+    from training.run import main
+
+    base = tmp_path_factory.mktemp("early")
+    config = base / "settings.yaml"
+    config.write_text("models: resnet34\nepochs: 9\nlr: 6e-4\npatience: 1\nmin_delta: 100\n"
+                      f"image_size: {TINY_SIZE}\nbatch_size: 8\nworkers: 0\n")
+    run_dir = base / "run"
+    assert main(["--config", str(config), "--data", str(small_data), "--epochs", "5",
+                 "--out", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_early_stopping_in_a_real_run_keeps_the_best_weights(early_stopped_run):
+    run_dir = early_stopped_run
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["patience"], saved["min_delta"]) == (5, 6e-4, 1, 100)
+    model_dir = run_dir / "resnet34"
+    with open(model_dir / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    # Epoch 1 improves on infinity; with min_delta 100 nothing improves after it, patience 1.
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    report = json.loads((model_dir / "report.json").read_text())
+    assert report["best_epoch"] == 1 and report["epochs_run"] == 2 and report["stopped_early"]
+    best = torch.load(model_dir / "best.pt", weights_only=True)
+    last = torch.load(model_dir / "last.pt", weights_only=True)
+    assert best["epoch"] == 1 and last["epoch"] == 2
+    # best.pt holds epoch 1's weights, not the last ones.
+    assert any(not torch.equal(best["model_state"][k], last["model_state"][k]) for k in best["model_state"])
+    # The report's metrics are the best epoch's, recomputed from best.pt.
+    row = history[0]
+    assert report["val_loss"] == pytest.approx(float(row["val_loss"]), abs=1e-6)
+    assert report["val_accuracy"] == pytest.approx(float(row["val_accuracy"]))
+    assert report["train_loss"] == pytest.approx(float(row["train_loss"]))
+    assert report["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
+    assert float(history[1]["val_loss"]) != pytest.approx(float(row["val_loss"]), abs=1e-6)
+    val_loss, accuracy = _evaluate_checkpoint(best, run_dir, label_smoothing=saved["label_smoothing"])
+    assert val_loss == pytest.approx(report["val_loss"], abs=1e-5)
+    assert accuracy == pytest.approx(report["val_accuracy"])
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def _evaluate_checkpoint(ckpt: dict, run_dir: Path, label_smoothing: float):
+    """Validation loss and accuracy of a checkpoint rebuilt on its own, on the run's val split."""
+    model = rebuild_model(ckpt)
+    splits = json.loads((run_dir / "splits.json").read_text())
+    size = tuple(ckpt["image_size"])
+    transform = EvalTransform(mean=ckpt["mean"], std=ckpt["std"])
+    images = torch.stack([transform(decode(path, size)) for path, _ in splits["val"]])
+    labels = torch.tensor([label for _, label in splits["val"]])
+    with torch.no_grad():
+        logits = model(images)
+    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_checkpoints_are_self_describing(trained_run, name):
+    ckpt = torch.load(trained_run / name / "best.pt", map_location="cpu", weights_only=True)
+    splits = json.loads((trained_run / "splits.json").read_text())
+    assert ckpt["architecture"] == name
+    assert ckpt["class_names"] == splits["class_names"]
+    assert ckpt["image_size"] == [TINY_SIZE, TINY_SIZE]
+    assert ckpt["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert ckpt["std"] == pytest.approx([0.229, 0.224, 0.225])
+    # The checkpoint alone rebuilds the model that produced the report's numbers.
+    report = json.loads((trained_run / name / "report.json").read_text())
+    config = json.loads((trained_run / "config.json").read_text())
+    val_loss, accuracy = _evaluate_checkpoint(ckpt, trained_run, config["label_smoothing"])
+    assert val_loss == pytest.approx(report["val_loss"], abs=1e-5)
+    assert accuracy == pytest.approx(report["val_accuracy"])
+
+
+def test_last_checkpoint_holds_everything_to_continue(trained_run):
+    last = torch.load(trained_run / "resnet34" / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model_state", "optimizer_state", "scheduler_state", "early_stopping", "rng",
+                "history", "epoch", "finished", "architecture", "class_names"):
+        assert key in last, key
+    assert last["optimizer_state"]["state"], "AdamW moments are saved"
+    assert last["epoch"] == 1 and len(last["history"]) == 1
+
+
+class NotAWeight:
+    """Any object that is not plain data: a weights_only loader must refuse to build it."""
+
+
+def test_checkpoint_load_is_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state": {}, "payload": NotAWeight()}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path / "junk.pt")
+
+
+def test_rebuild_model_errors(trained_run):
+    ckpt = checkpoint.load(trained_run / "resnet34" / "best.pt")
+    with pytest.raises(CheckpointError, match="lacks field.*mean"):
+        rebuild_model({k: v for k, v in ckpt.items() if k != "mean"})
+    with pytest.raises(CheckpointError, match="resnet34 model, not plain34"):
+        rebuild_model(ckpt, expected_architecture="plain34")
+    with pytest.raises(CheckpointError, match="unknown architecture 'vgg16'"):
+        rebuild_model({**ckpt, "architecture": "vgg16"})
+    with pytest.raises(CheckpointError, match="do not fit the resnet34_modified architecture"):
+        rebuild_model({**ckpt, "architecture": "resnet34_modified"})
+    with pytest.raises(CheckpointError, match="do not fit"):  # 5 classes of weights, 3 names
+        rebuild_model({**ckpt, "class_names": ckpt["class_names"][:3]})
+
+
+def test_atomic_save_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic({"a": torch.ones(2)}, path)
+    checkpoint.save_atomic({"a": torch.zeros(2)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert torch.equal(checkpoint.load(path)["a"], torch.zeros(2))
+
+
+# --- configuration ------------------------------------------------------------------------------------
+
+def _config(argv):
+    return config_from_args(argv)[0]
+
+
+def test_defaults_are_the_recipe():
+    c = TrainConfig()
+    assert (c.lr, c.weight_decay, c.label_smoothing, c.step_size, c.gamma) == (6e-4, 1e-4, 0.05, 5, 0.1)
+    assert (c.epochs, c.patience, c.batch_size, c.image_size, c.val_fraction, c.seed) == (30, 10, 50, 224, 0.2, 67)
+    assert c.models == list(MODEL_NAMES)
+
+
+def test_config_precedence(tmp_path):
+    # No --data: the quick profile on top of the defaults.
+    quick = _config([])
+    for key, value in QUICK_PROFILE.items():
+        assert getattr(quick, key) == value
+    assert quick.lr == TrainConfig().lr
+    # With --data: the recipe's defaults.
+    assert _config(["--data", "x"]).image_size == 224 and _config(["--data", "x"]).epochs == 30
+    # A config file beats the quick profile; flags beat the file.
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": 7, "lr": 0.001, "models": "plain34,resnet34"}))
+    from_file = _config(["--config", str(path)])
+    assert (from_file.epochs, from_file.lr, from_file.image_size) == (7, 0.001, QUICK_PROFILE["image_size"])
+    assert from_file.models == ["plain34", "resnet34"]
+    flagged = _config(["--config", str(path), "--epochs", "2", "--models", "resnet34"])
+    assert (flagged.epochs, flagged.lr, flagged.models) == (2, 0.001, ["resnet34"])
+    # A file that names the data turns the quick profile off.
+    path.write_text(json.dumps({"data": "somewhere", "batch-size": 16}))
+    with_data = _config(["--config", str(path)])
+    assert (with_data.image_size, with_data.batch_size, with_data.epochs) == (224, 16, 30)
+
+
+def test_yaml_config_values_get_their_setting_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 6e-4\nweight_decay: 1e-5\nepochs: 3.0\nmodels: [resnet34]\n")
+    c = _config(["--config", str(path)])
+    assert (c.lr, c.weight_decay, c.epochs, c.models) == (6e-4, 1e-5, 3, ["resnet34"])
+    assert isinstance(c.lr, float) and isinstance(c.epochs, int)
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('{"epochs": 3, "learning_rate": 1}', ".json", "unknown setting.*learning_rate"),
+    ('{"epochs": ', ".json", "cannot parse config file"),
+    ("epochs: [1, 2", ".yaml", "cannot parse config file"),
+    ("[1, 2]", ".json", "must hold a mapping"),
+    ('{"epochs": "ten"}', ".json", "epochs .* must be a whole number, got 'ten'"),
+    ("epochs: 2.5\n", ".yaml", "epochs .* must be a whole number, got 2.5"),
+    ("lr: fast\n", ".yaml", "lr .* must be a number"),
+    ("epochs: 0\n", ".yaml", "epochs must be at least 1"),
+    ("models: resnet50\n", ".yaml", "unknown model.*resnet50"),
+    ("val_fraction: 1.5\n", ".yaml", "val_fraction"),
+])
+def test_bad_config_files_are_clear_errors(tmp_path, content, suffix, message):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        _config(["--config", str(path)])
+    assert "\n" not in str(info.value)
+
+
+def test_bad_settings_exit_2_with_one_line(tmp_path, capsys):
+    from training.run import main
+
+    cases = [
+        ["--config", str(tmp_path / "missing.yaml")],
+        ["--models", "resnet34,alexnet"],
+        ["--image-size", "16"],
+        ["--labels-csv", "labels.csv"],
+    ]
+    for argv in cases:
+        assert main([*argv, "--out", str(tmp_path / "run")]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
+    assert not (tmp_path / "run").exists()
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+def test_history_csv_columns(trained_run):
+    for name in MODEL_NAMES:
+        with open(trained_run / name / "history.csv") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        assert tuple(reader.fieldnames) == HISTORY_COLUMNS
+        assert tuple(HISTORY_COLUMNS) == ("epoch", "lr", "train_loss", "train_accuracy", "val_loss",
+                                          "val_accuracy", "seconds")
+        assert [int(r["epoch"]) for r in rows] == [1]
+        assert float(rows[0]["lr"]) == pytest.approx(6e-4)
+        assert all(np.isfinite(float(v)) for v in rows[0].values())
+
+
+def test_pictures_exist(trained_run):
+    for name in MODEL_NAMES:
+        for picture in ("curves.png", "confusion.png"):
+            with Image.open(trained_run / name / picture) as img:
+                assert img.format == "PNG" and min(img.size) >= 200
+
+
+def test_report_json(trained_run):
+    splits = json.loads((trained_run / "splits.json").read_text())
+    for name in MODEL_NAMES:
+        report = json.loads((trained_run / name / "report.json").read_text())
+        for key in ("best_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                    "per_class", "parameters"):
+            assert key in report, (name, key)
+        assert report["parameters"] == EXPECTED_PARAMETERS[name]
+        assert report["best_epoch"] == 1
+        assert 0 <= report["val_accuracy"] <= 1 and 0 <= report["train_accuracy"] <= 1
+        assert set(report["per_class"]) == set(splits["class_names"])
+        for metrics in report["per_class"].values():
+            assert set(metrics) >= {"precision", "recall", "f1", "support"}
+            assert all(0 <= metrics[k] <= 1 for k in ("precision", "recall", "f1"))
+        assert sum(m["support"] for m in report["per_class"].values()) == len(splits["val"])
+        # Recall weighted by support is the accuracy.
+        recalled = sum(m["recall"] * m["support"] for m in report["per_class"].values())
+        assert recalled / len(splits["val"]) == pytest.approx(report["val_accuracy"])
+
+
+def test_comparison_lists_the_models(trained_run):
+    text = (trained_run / "comparison.md").read_text()
+    for name in MODEL_NAMES:
+        display = ARCHITECTURES[name].display_name
+        row = next(line for line in text.splitlines() if line.startswith(f"| {display} |"))
+        assert f"{EXPECTED_PARAMETERS[name]:,}" in row
+    assert "val acc" in text and "train loss" in text
+
+
+def test_parameter_count_in_the_report_is_the_models(trained_run):
+    ckpt = checkpoint.load(trained_run / "resnet34_modified" / "best.pt")
+    assert count_parameters(rebuild_model(ckpt)) == EXPECTED_PARAMETERS["resnet34_modified"]
