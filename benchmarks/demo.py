@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    info = machine()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -99,7 +100,6 @@ def main(argv=None) -> int:
     rows = [[name, f"{seconds:.1f}"] for name, seconds in times.items()]
     rows.append(["total", f"{total:.1f} ({total / 60:.1f} min; target <= {TARGET_SECONDS / 60:.0f} min)"])
     print("\n" + markdown_table(["stage", "seconds"], rows))
-    info = machine()
     info["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = write_json(Path(args.out), {"command": command_line(argv, "benchmarks.demo"), "machine": info,
                                       "seconds": times, "total_seconds": total,

@@ -1,8 +1,8 @@
 """``python -m benchmarks.train``: is the input pipeline the bottleneck of a training epoch?
 
 In one process, in alternating rounds: a training epoch fed by the real pipeline (the decoded
-images through AugmentedImages and the DataLoader exactly as training.trainer builds them)
-against the same number of steps fed by batches already in memory (the compute bound), both
+images through TrainingSamples, the DataLoader and the batched augmentation on the device,
+exactly as training.trainer.train_loader builds them) against the same number of steps fed by batches already in memory (the compute bound), both
 through the real epoch loop (training.engine.train_one_epoch). The ratio of their images per
 second is the input-pipeline ratio: 1.0 means the pipeline costs nothing. The pipeline alone
 (the loader iterated with no model) is timed too, to show where the time goes.
@@ -23,8 +23,8 @@ from torch import nn
 
 from benchmarks.common import RESULTS_DIR, command_line, machine, markdown_table, write_json
 from training import distributed
-from training.config import QUICK_PROFILE, TrainConfig, make_config
-from training.data import SplitImages, index_image_folder, prepare_data
+from training.config import QUICK_PROFILE, ConfigError, TrainConfig, make_config
+from training.data import DataError, SplitImages, index_image_folder, prepare_data
 from training.engine import Precision, train_one_epoch
 from training.models import MODEL_NAMES, create_model
 from training.synthetic import ensure_builtin_dataset
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=QUICK_PROFILE["batch_size"])
     parser.add_argument("--workers", type=int, default=-1, help="loader processes (-1: as training chooses)")
     parser.add_argument("--max-images", type=int, default=None, help="use at most this many training images")
-    parser.add_argument("--rounds", type=int, default=3, help="epochs of each kind (default: 3)")
+    parser.add_argument("--rounds", type=int, default=6, help="epochs of each kind (default: 6)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=str(RESULTS_DIR / "train.json"), help="JSON results file")
     return parser.parse_args(argv)
@@ -107,11 +107,17 @@ def main(argv=None) -> int:
         print(f"error: --models must name some of {', '.join(MODEL_NAMES)}", file=sys.stderr)
         return 1
     root = Path(args.data) if args.data else ensure_builtin_dataset()
-    config = make_config({"data": str(root), "image_size": args.image_size, "batch_size": args.batch_size,
-                          "workers": args.workers, "test_fraction": QUICK_PROFILE["test_fraction"]})
+    try:
+        config = make_config({"data": str(root), "image_size": args.image_size,
+                              "batch_size": args.batch_size, "workers": args.workers,
+                              "test_fraction": QUICK_PROFILE["test_fraction"]})
+        size = (config.image_size, config.image_size)
+        data = prepare_data(index_image_folder(root), size, config.val_fraction,
+                            config.test_fraction, config.seed)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     device = torch.device(args.device)
-    size = (config.image_size, config.image_size)
-    data = prepare_data(index_image_folder(root), size, config.val_fraction, config.test_fraction, config.seed)
     if args.max_images:
         train = data.splits["train"]
         keep = slice(0, args.max_images)

@@ -132,7 +132,7 @@ def mish_lookup_tables(model: onnx.ModelProto) -> int:
             scopes = ast.literal_eval(_metadata(node, "pkg.torch.onnx.name_scopes") or "[]")
             instances[tuple(scopes[:-1])].append(node)
 
-    removed, added = set(), []
+    removed, replacements = set(), {}  # the last node of a Mish -> the nodes replacing all of it
     for nodes in instances.values():
         names = {n.name for n in nodes}
         made = {o for n in nodes for o in n.output}
@@ -156,34 +156,26 @@ def mish_lookup_tables(model: onnx.ModelProto) -> int:
             numpy_helper.from_array(np.array(1 / 255, np.float32), p + "gate_scale"),
             numpy_helper.from_array(np.array(0, np.uint8), p + "gate_zero"),
         ])
-        added += [
-            helper.make_node("DequantizeLinear", [quantized, p + "scale", p + "zero"], [p + "ax_b"], name=p + "dq_ax_b"),
-            helper.make_node("Sigmoid", [p + "ax_b"], [p + "gate"], name=p + "sigmoid"),
-            helper.make_node("QuantizeLinear", [p + "gate", p + "gate_scale", p + "gate_zero"], [p + "gate_q"], name=p + "q_gate"),
-            helper.make_node("DequantizeLinear", [p + "gate_q", p + "gate_scale", p + "gate_zero"], [p + "gate_dq"], name=p + "dq_gate"),
-            helper.make_node("DequantizeLinear", [quantized, scale_name, zero_name], [p + "x"], name=p + "dq_x"),
-            helper.make_node("Mul", [p + "x", p + "gate_dq"], [y], name=p + "mul"),
+        make = helper.make_node
+        replacements[producer[y].name] = [
+            make("DequantizeLinear", [quantized, p + "scale", p + "zero"], [p + "ax_b"], name=p + "dq_ax_b"),
+            make("Sigmoid", [p + "ax_b"], [p + "gate"], name=p + "sigmoid"),
+            make("QuantizeLinear", [p + "gate", p + "gate_scale", p + "gate_zero"], [p + "gate_q"], name=p + "q_gate"),
+            make("DequantizeLinear", [p + "gate_q", p + "gate_scale", p + "gate_zero"], [p + "gate_dq"], name=p + "dq_gate"),
+            make("DequantizeLinear", [quantized, scale_name, zero_name], [p + "x"], name=p + "dq_x"),
+            make("Mul", [p + "x", p + "gate_dq"], [y], name=p + "mul"),
         ]
         removed |= names
-    _replace_nodes(graph, removed, added)
-    return len(added) // 6
-
-
-def _replace_nodes(graph: onnx.GraphProto, removed: set[str], added: list[onnx.NodeProto]) -> None:
-    """Drop ``removed``, add ``added`` and keep the node list topologically sorted."""
-    pending = [n for n in graph.node if n.name not in removed] + added
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    ordered = []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise QuantizeError("graph rewrite left a node without its inputs")
-        for node in ready:
-            available.update(node.output)
-        ordered += ready
-        pending = [n for n in pending if all(n is not r for r in ready)]
+    # The replacement takes the place of the Mish's last node: its inputs come earlier, its
+    # output's users later, so the node list stays topologically sorted.
+    nodes = []
+    for node in graph.node:
+        if node.name not in removed:
+            nodes.append(node)
+        nodes += replacements.get(node.name, [])
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend(nodes)
+    return len(replacements)
 
 
 def quantize_file(fp32_path: Path, out_path: Path, calibration: np.ndarray, metadata: dict[str, str],
@@ -206,6 +198,10 @@ def quantize_file(fp32_path: Path, out_path: Path, calibration: np.ndarray, meta
             quant_pre_process(str(fp32_path), str(prepared), skip_optimization=True,
                               skip_symbolic_shape=True)
             graph = onnx.load(str(prepared))
+            if any(n.op_type == "Exp" for n in graph.graph.node) \
+                    and not any(_metadata(n, HIERARCHY) for n in graph.graph.node):
+                raise QuantizeError(f"{fp32_path.name}: no module metadata to find its Mish layers "
+                                    "by (export it with python -m export.run)")
             _means_as_global_pools(graph)
             onnx.save(graph, str(prepared))
             keep_float = float_nodes(graph)

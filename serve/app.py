@@ -107,6 +107,8 @@ def main(argv=None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {str(exc).splitlines()[0]}",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # stopped while starting; once serving, Gradio handles it
+        demo.close()
     return 0
 
 

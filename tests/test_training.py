@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from conftest import ROOT, TINY_SIZE, run_python
-from training import checkpoint
+from training import checkpoint, transforms
 from training.checkpoint import CheckpointError, rebuild_model
 from training.config import QUICK_PROFILE, ConfigError, TrainConfig, config_from_args
-from training.data import AugmentedImages, SplitImages
+from training.data import SplitImages, TrainingSamples
 from training.engine import EarlyStopping
 from training.models import ARCHITECTURES, MODEL_NAMES, count_parameters
 from training.reports import HISTORY_COLUMNS
-from training.transforms import EvalTransform, TrainTransform, decode
+from training.trainer import AugmentedBatches
+from training.transforms import EvalTransform, TrainAugment, decode
 
 SIZE = (TINY_SIZE, TINY_SIZE)
 EXPECTED_PARAMETERS = {"plain34": 21_287_237, "resnet34": 21_287_237, "resnet34_modified": 21_708_101}
@@ -36,18 +38,19 @@ def augmented():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, *SIZE), dtype=torch.uint8, generator=g)
     split = SplitImages(images, torch.arange(6) % 2, [f"img{i}.png" for i in range(6)])
-    return split, TrainTransform(size=SIZE)
+    return split, TrainAugment(size=SIZE)
 
 
-def _sample(split, transform, seed, epoch, index):
-    dataset = AugmentedImages(split, transform, seed)
+def _sample(split, augment, seed, epoch, index):
+    dataset = TrainingSamples(split, augment, seed)
     dataset.set_epoch(epoch)
-    return dataset[index][0]
+    image, parameters, _ = dataset[index]
+    return augment(image[None], parameters[None])[0]
 
 
 def test_augmentation_is_fresh_every_epoch(augmented):
-    split, transform = augmented
-    first, second = (_sample(split, transform, seed=1, epoch=e, index=0) for e in (1, 2))
+    split, augment = augmented
+    first, second = (_sample(split, augment, seed=1, epoch=e, index=0) for e in (1, 2))
     assert first.shape == (3, *SIZE) and first.dtype == torch.float32
     assert not torch.allclose(first, second)
     # ... and it is an augmentation: not the plain validation view of the image.
@@ -55,36 +58,80 @@ def test_augmentation_is_fresh_every_epoch(augmented):
 
 
 def test_augmentation_is_reproducible_per_seed_epoch_index(augmented):
-    split, transform = augmented
-    a = _sample(split, transform, seed=1, epoch=3, index=2)
-    assert torch.equal(a, _sample(split, transform, seed=1, epoch=3, index=2))
-    assert not torch.allclose(a, _sample(split, transform, seed=2, epoch=3, index=2))
+    split, augment = augmented
+    a = _sample(split, augment, seed=1, epoch=3, index=2)
+    assert torch.equal(a, _sample(split, augment, seed=1, epoch=3, index=2))
+    assert not torch.allclose(a, _sample(split, augment, seed=2, epoch=3, index=2))
     # Two samples of one epoch get different draws, not the same crop of different pictures.
-    assert not torch.allclose(a, _sample(split, transform, seed=1, epoch=3, index=3))
+    assert not torch.allclose(a, _sample(split, augment, seed=1, epoch=3, index=3))
 
 
 def test_augmentation_leaves_the_global_rng_alone(augmented):
-    split, transform = augmented
+    split, augment = augmented
     state = torch.get_rng_state()
-    _sample(split, transform, seed=1, epoch=1, index=0)
+    _sample(split, augment, seed=1, epoch=1, index=0)
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_augmentation_does_not_depend_on_workers(augmented):
-    split, transform = augmented
-    dataset = AugmentedImages(split, transform, seed=4)
+def test_augmentation_does_not_depend_on_workers_or_batch_size(augmented):
+    split, augment = augmented
+    dataset = TrainingSamples(split, augment, seed=4)
 
-    def batches(workers):
+    def batches(workers, batch_size):
         out = []
         for epoch in (1, 2):
             dataset.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers)
-            out += [images for images, _ in loader]
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+            out += [images for images, _ in AugmentedBatches(loader, augment, torch.device("cpu"))]
         return torch.cat(out)
 
-    in_process = batches(0)
-    assert torch.equal(in_process, batches(2))
+    in_process = batches(0, 4)
+    assert torch.equal(in_process, batches(2, 4))
+    assert torch.allclose(in_process, batches(0, 1), atol=1e-5)
     assert not torch.allclose(in_process[:6], in_process[6:])  # the two epochs differ
+
+
+def test_augmentation_with_neutral_parameters_is_the_validation_view(augmented):
+    split, augment = augmented
+    h, w = SIZE
+    # Whole image, no flip, no turn, neutral colours, no shift, the smallest blur, no erasing.
+    neutral = torch.tensor([[0, 0, h, w, 0, 0, 1, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0.1, 0, 0, 0, 0, 0]] * 6,
+                           dtype=torch.float32)
+    expected = torch.stack([EvalTransform()(image) for image in split.images])
+    assert torch.allclose(augment(split.images, neutral), expected, atol=1e-4)
+
+
+def test_each_augmentation_step_matches_torchvision():
+    x = torch.rand(4, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    per_image = lambda fn, values: torch.stack([fn(x[i], v) for i, v in enumerate(values)])  # noqa: E731
+    close = lambda a, b: (a - b).abs().max().item() < 1e-5  # noqa: E731
+    factors = torch.tensor([0.7, 1.3, 1.0, 0.9])
+    assert close(transforms._contrast(x, factors.view(-1, 1, 1, 1)),
+                 per_image(TF.adjust_contrast, factors.tolist()))
+    assert close(transforms._saturation(x, factors.view(-1, 1, 1, 1)),
+                 per_image(TF.adjust_saturation, factors.tolist()))
+    assert close(transforms._brightness(x, factors.view(-1, 1, 1, 1)),
+                 per_image(TF.adjust_brightness, factors.tolist()))
+    hues = torch.tensor([-0.1, 0.05, 0.0, 0.08])
+    assert close(transforms._hue(x, hues), per_image(TF.adjust_hue, hues.tolist()))
+    sigmas = torch.tensor([[0.1], [0.5], [1.0], [0.7]])
+    assert close(transforms._blur(x, sigmas), per_image(lambda im, s: TF.gaussian_blur(im, [3, 3], [s[0]] * 2),
+                                                         sigmas.tolist()))
+    # The geometric steps as one warp; at the edges it reads the real neighbouring pixels
+    # (or black) where torchvision's separate steps clamp, so compare inside.
+    none, no_shift = torch.zeros(4, 1), torch.zeros(4, 2)
+    whole = torch.tensor([[0.0, 0.0, 40.0, 48.0]] * 4)
+    crop = torch.tensor([[2.0, 3.0, 30.0, 40.0]] * 4)
+    inside = (..., slice(2, -2), slice(2, -2))
+    assert close(transforms._warp(x, crop, none, none, no_shift)[inside],
+                 per_image(lambda im, _: TF.resized_crop(im, 2, 3, 30, 40, [40, 48], antialias=False), x)[inside])
+    assert close(transforms._warp(x, whole, torch.ones(4, 1), none, no_shift), x.flip(-1))
+    assert close(transforms._warp(x, whole, none, none, torch.tensor([[3.0, -2.0]] * 4)),
+                 per_image(lambda im, _: TF.affine(im, 0.0, [3, -2], 1.0, [0.0, 0.0]), x))
+    turned = per_image(lambda im, _: TF.rotate(im, 10.0, TF.InterpolationMode.BILINEAR), x)
+    away_from_corners = (..., slice(8, -8), slice(8, -8))  # 10 degrees uncover up to 8 px there
+    assert close(transforms._warp(x, whole, none, torch.full((4, 1), 10.0), no_shift)[away_from_corners],
+                 turned[away_from_corners])
 
 
 # --- early stopping ----------------------------------------------------------------------------

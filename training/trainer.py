@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from training import checkpoint, distributed, reports, transfer
 from training.config import TrainConfig
-from training.data import AugmentedImages, PreparedData
+from training.data import PreparedData, TrainingSamples
 from training.distributed import World
 from training.engine import EarlyStopping, Precision, evaluate, train_one_epoch
 from training.models import ARCHITECTURES, count_mult_adds, count_parameters, create_model
-from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainAugment
 
 
 def default_workers() -> int:
@@ -27,11 +27,26 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(8, cores // 2)
 
 
+class AugmentedBatches:
+    """One epoch of training batches, augmented on the device the model trains on."""
+
+    def __init__(self, loader: DataLoader, augment: TrainAugment, device: torch.device):
+        self.loader, self.augment, self.device = loader, augment, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, parameters, labels in self.loader:
+            yield self.augment(images.to(self.device, non_blocking=True), parameters), labels
+
+
 def train_loader(data: PreparedData, config: TrainConfig, world: World, device: torch.device):
-    """The augmented training set, its sampler and the loader that feeds one epoch of it
+    """The training set, its sampler and the augmented batches of one epoch of it
     (benchmarks/train.py times this very loader)."""
     size = (config.image_size, config.image_size)
-    train_set = AugmentedImages(data.splits["train"], TrainTransform(size=size), config.seed)
+    augment = TrainAugment(size=size)
+    train_set = TrainingSamples(data.splits["train"], augment, config.seed)
     sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank,
                                  shuffle=True, seed=config.seed)
     workers = default_workers() if config.workers < 0 else config.workers
@@ -41,7 +56,7 @@ def train_loader(data: PreparedData, config: TrainConfig, world: World, device: 
         # the same number of samples, padded by repeating at most size - 1 of them.)
         drop_last=len(sampler) % config.batch_size == 1, pin_memory=device.type == "cuda",
     )
-    return train_set, sampler, loader
+    return train_set, sampler, AugmentedBatches(loader, augment, device)
 
 
 def _rng_state(device: torch.device) -> dict:

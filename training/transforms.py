@@ -6,8 +6,12 @@ so the random augmentation is drawn fresh every epoch from the cached copy.
 """
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -24,24 +28,159 @@ def decode(source: imaging.Source | Image.Image, size: tuple[int, int],
     return torch.from_numpy(np.ascontiguousarray(imaging.model_pixels(img, size).transpose(2, 0, 1)))
 
 
-class TrainTransform:
-    """The original recipe's augmentation, applied to a decoded H x W uint8 image."""
+# The original recipe's augmentation (see TrainAugment).
+CROP_SCALE, CROP_RATIO = (0.7, 1.0), (3 / 4, 4 / 3)
+FLIP_P, DEGREES, TRANSLATE = 0.5, 15.0, 0.05
+JITTER = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
+BLUR_SIGMA = (0.1, 1.0)  # 3 x 3 kernel
+ERASE_P, ERASE_SCALE, ERASE_RATIO = 0.2, (0.02, 0.15), (0.3, 3.3)
+GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
+# One image's parameters, in this order and these widths (see TrainAugment.draw).
+PARAMETER_LAYOUT = {"crop": 4, "flip": 1, "angle": 1, "jitter": 4, "order": 4, "shift": 2,
+                    "sigma": 1, "erase": 5}
+
+
+def _box(rng: random.Random, height: int, width: int, scale, ratio, tries: int = 10):
+    """A random box of the image: (top, left, h, w), or None, as torchvision draws crops."""
+    for _ in range(tries):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    return None
+
+
+class TrainAugment:
+    """The original recipe's augmentation, drawn per image and applied to a whole batch.
+
+    Per image: RandomResizedCrop (scale 0.7-1, aspect 3/4-4/3), horizontal flip (p 0.5),
+    rotation (+-15 deg), ColorJitter (brightness, contrast, saturation 0.3, hue 0.1, in a random
+    order), translation (+-5%), Gaussian blur (3 x 3, sigma 0.1-1), normalisation and
+    RandomErasing (p 0.2, 2-15% of the area, set to 0). ``draw`` picks one image's parameters
+    from a generator of its own, so they depend on nothing else in the batch; ``__call__``
+    applies a batch of them on the batch's device. The crop, flip, rotation and translation
+    are one bilinear warp (one resampling instead of three; what rotation and translation
+    uncover is black), the other steps batched tensor operations: per-image Python calls
+    would cost more than the model's own work at small image sizes.
+    """
 
     def __init__(self, *, size: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.pipeline = v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(0.5),
-            v2.RandomRotation(15),
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
-            v2.RandomAffine(degrees=0, translate=(0.05, 0.05)),
-            v2.GaussianBlur(kernel_size=3, sigma=(0.1, 1.0)),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-            v2.RandomErasing(p=0.2, scale=(0.02, 0.15)),
-        ])
+        self.size = size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.pipeline(image)
+    def draw(self, rng: random.Random) -> torch.Tensor:
+        height, width = self.size
+        crop = _box(rng, height, width, CROP_SCALE, CROP_RATIO) or (0, 0, height, width)
+        flip = float(rng.random() < FLIP_P)
+        angle = rng.uniform(-DEGREES, DEGREES)
+        jitter = [rng.uniform(1 - j, 1 + j) for j in JITTER[:3]] + [rng.uniform(-JITTER[3], JITTER[3])]
+        order = rng.sample(range(4), 4)
+        shift = [round(rng.uniform(-TRANSLATE * n, TRANSLATE * n)) for n in (width, height)]
+        sigma = rng.uniform(*BLUR_SIGMA)
+        erase = _box(rng, height, width, ERASE_SCALE, ERASE_RATIO) if rng.random() < ERASE_P else None
+        erase = (1, *erase) if erase else (0, 0, 0, 0, 0)
+        return torch.tensor([*crop, flip, angle, *jitter, *order, *shift, sigma, *erase], dtype=torch.float32)
+
+    def __call__(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """uint8 images N x 3 x H x W and their N drawn parameter rows -> normalised float32."""
+        device = images.device
+        p = dict(zip(PARAMETER_LAYOUT, parameters.split(list(PARAMETER_LAYOUT.values()), dim=1)))
+        x = images.float().div_(255)
+        x = _warp(x, *(p[k].to(device) for k in ("crop", "flip", "angle", "shift")))
+        x = _jitter(x, p["jitter"].to(device), p["order"].long())
+        x = _blur(x, p["sigma"].to(device))
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        erase = p["erase"].long()
+        for row in torch.nonzero(erase[:, 0]).flatten().tolist():
+            _, top, left, h, w = erase[row].tolist()
+            x[row, :, top:top + h, left:left + w] = 0
+        return x
+
+
+def _warp(x, crop, flip, angle, shift):
+    """Crop-and-resize, flip, rotate and translate each image in one bilinear resampling."""
+    n, _, height, width = x.shape
+    a = torch.deg2rad(angle[:, 0])
+    cos, sin = a.cos(), a.sin()
+    mirror = 1 - 2 * flip[:, 0]
+    # Output -> coordinates in the cropped image ([-1, 1] spans it): undo the translation,
+    # the rotation (in pixel units, so non-square images turn rigidly), then the flip.
+    rows = torch.stack([
+        torch.stack([mirror * cos, -mirror * sin * height / width], 1),
+        torch.stack([sin * width / height, cos], 1),
+    ], 1)
+    t = torch.stack([2 * shift[:, 0] / width, 2 * shift[:, 1] / height], 1)
+    theta = torch.cat([rows, -(rows @ t[:, :, None])], 2)
+    grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+    inside = (grid.abs() <= 1).all(-1)[:, None]
+    # ... then the crop box's place in the whole image.
+    top, left, h, w = crop.unbind(1)
+    scale = torch.stack([w / width, h / height], 1)[:, None, None]
+    offset = torch.stack([(2 * left + w) / width - 1, (2 * top + h) / height - 1], 1)[:, None, None]
+    warped = F.grid_sample(x, grid * scale + offset, mode="bilinear", padding_mode="border",
+                           align_corners=False)
+    return warped * inside
+
+
+def _gray(x):
+    r, g, b = x.unbind(1)
+    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b)[:, None]
+
+
+def _brightness(x, f):
+    return (x * f).clamp(0, 1)
+
+
+def _contrast(x, f):
+    return (f * x + (1 - f) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+
+
+def _saturation(x, f):
+    return (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+
+
+def _hue(x, f):
+    """Rotate the hue by f turns (RGB -> HSV -> RGB)."""
+    value, _ = x.max(1)
+    delta = value - x.min(1)[0]
+    saturation = delta / value.clamp_min(1e-12)
+    r, g, b = ((value[:, None] - x) / torch.where(delta > 0, delta, 1)[:, None]).unbind(1)
+    hue = torch.where(x[:, 0] == value, b - g, torch.where(x[:, 1] == value, 2 + r - b, 4 + g - r))
+    hue = torch.where(delta > 0, hue / 6, 0)
+    hue = (hue + f.view(-1, 1, 1)).remainder(1) * 6
+    sector = hue.floor()
+    frac = hue - sector
+    p, q, t = value * (1 - saturation), value * (1 - saturation * frac), value * (1 - saturation * (1 - frac))
+    sector = sector.long().remainder(6)[:, None]
+    channels = [(value, q, p, p, t, value), (t, value, value, q, p, p), (p, p, t, value, value, q)]
+    return torch.cat([torch.stack(c, 1).gather(1, sector) for c in channels], 1)
+
+
+COLOR_STEPS = (_brightness, _contrast, _saturation, _hue)  # the order of JITTER
+
+
+def _jitter(x, factors, order):
+    """ColorJitter with each image's own factors and order of the four steps."""
+    for position in range(4):
+        for step, adjust in enumerate(COLOR_STEPS):
+            chosen = torch.nonzero(order[:, position] == step).flatten().to(x.device)
+            if len(chosen):
+                f = factors[chosen, step]
+                x[chosen] = adjust(x[chosen], f.view(-1, 1, 1, 1) if step < 3 else f)
+    return x
+
+
+def _blur(x, sigma):
+    """3 x 3 Gaussian blur with each image's own sigma, reflecting at the edges."""
+    n, c, height, width = x.shape
+    taps = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+    k = torch.exp(-0.5 * (taps[None] / sigma) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    kernels = (k[:, :, None] * k[:, None, :]).repeat_interleave(c, 0)[:, None]
+    padded = F.pad(x.reshape(1, n * c, height, width), (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(padded, kernels, groups=n * c).view(n, c, height, width)
 
 
 class EvalTransform:
