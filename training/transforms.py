@@ -61,8 +61,9 @@ class TrainAugment:
     from a generator of its own, so they depend on nothing else in the batch; ``__call__``
     applies a batch of them on the batch's device. The crop, flip, rotation and translation
     are one bilinear warp (one resampling instead of three; what rotation and translation
-    uncover is black), the other steps batched tensor operations: per-image Python calls
-    would cost more than the model's own work at small image sizes.
+    uncover is black, and the translation now comes before the colour steps, which only
+    changes that uncovered strip), the other steps batched tensor operations: per-image
+    Python calls would cost more than the model's own work at small image sizes.
     """
 
     def __init__(self, *, size: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD):
