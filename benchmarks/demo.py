@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, command_line, machine, markdown_table, write_json
+from serve.launch import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 300
@@ -31,12 +30,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--app-timeout", type=float, default=300, help="seconds to wait for the app")
     parser.add_argument("--out", default=str(RESULTS_DIR / "demo.json"), help="JSON results file")
     return parser.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stage(name: str, args: list[str], cwd: Path, env: dict) -> float:
@@ -57,18 +50,10 @@ def app_until_answering(cwd: Path, env: dict, timeout: float) -> float:
     started = time.perf_counter()
     app = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env)
     try:
-        while time.perf_counter() - started < timeout:
-            if app.poll() is not None:
-                raise RuntimeError(f"the app exited with code {app.returncode} before answering")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    if response.status == 200:
-                        seconds = time.perf_counter() - started
-                        print(f"-- app: answering after {seconds:.1f}s", flush=True)
-                        return seconds
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"the app did not answer within {timeout:.0f}s")
+        wait_until_up(f"http://127.0.0.1:{port}/", app, timeout)
+        seconds = time.perf_counter() - started
+        print(f"-- app: answering after {seconds:.1f}s", flush=True)
+        return seconds
     finally:
         app.terminate()
         try:
@@ -90,7 +75,7 @@ def main(argv=None) -> int:
         export = ["-m", "export.run"] + (["--quantize", "int8"] if args.quantize else [])
         times["export"] = stage("export", export, work, env)
         times["app"] = app_until_answering(work, env, args.app_timeout)
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
