@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, command_line, machine, markdown_table, write_json
-from serve.launch import free_port, wait_until_up
+from serve.launch import free_port, stop, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 300
@@ -55,11 +55,7 @@ def app_until_answering(cwd: Path, env: dict, timeout: float) -> float:
         print(f"-- app: answering after {seconds:.1f}s", flush=True)
         return seconds
     finally:
-        app.terminate()
-        try:
-            app.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            app.kill()
+        stop(app)
 
 
 def main(argv=None) -> int:

@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     print(markdown_table(["model", "batch", "PyTorch eager", "ORT FP32", "ORT INT8", "FP32 vs eager",
                           "INT8 vs FP32", "INT8 vs eager", "INT8 images/s"], rows))
     if request_rows:
-        print(f"\nOne request (all models, batch 1) vs the models alone\n")
+        print("\nOne request (all models, batch 1) vs the models alone\n")
         print(markdown_table(["precision", "sum of models alone (ms)", "one after another (ms)",
                               "ratio"], request_rows))
     out = write_json(Path(args.out), results)

@@ -40,6 +40,16 @@ def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: fl
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def stop(process: subprocess.Popen, grace: float = 20) -> None:
+    """Ask the app to stop (SIGTERM, as a container stop would); kill it after ``grace`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def running_app(models: str | os.PathLike, *args: str, port: int | None = None, timeout: float = 180):
     """Yield the URL of a fresh app serving ``models``; stop it (and show its log if it failed)."""
@@ -59,9 +69,4 @@ def running_app(models: str | os.PathLike, *args: str, port: int | None = None, 
                 raise RuntimeError(f"{exc}; its output:\n{log.read()[-3000:]}") from None
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
