@@ -13,15 +13,17 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# The "serve" dependencies, read from pyproject.toml (their one home); this layer is rebuilt
-# only when pyproject.toml changes, not when the code or the models do.
+# The base and "serve" dependencies, read from pyproject.toml (their one home); this layer is
+# rebuilt only when pyproject.toml changes, not when the code or the models do.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-                   print('\n'.join(project['optional-dependencies']['serve']))" > /tmp/serve-requirements.txt \
+                   print('\n'.join(project['dependencies'] + project['optional-dependencies']['serve']))" \
+        > /tmp/serve-requirements.txt \
     && pip install --no-cache-dir -r /tmp/serve-requirements.txt \
     && rm /tmp/serve-requirements.txt
 
-# The app runs from source: serve/ and the imaging/ package it shares with training.
+# The app runs from source: serve/ and the torch-free packages it shares with training.
+COPY common/ common/
 COPY imaging/ imaging/
 COPY serve/ serve/
 COPY models/ models/

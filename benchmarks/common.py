@@ -5,13 +5,14 @@ alternating blocks, so that load from other processes falls on both sides alike.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
+
+from common import files
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -100,11 +101,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_json(path: Path, payload: dict) -> Path:
+    """The results file (its folder made first), written atomically; returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    files.write_json(path, payload)
     return path
 
 

@@ -12,6 +12,7 @@ Prints tables and writes benchmarks/results/inference.json (see ``--out``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -25,10 +26,11 @@ from benchmarks.common import (RESULTS_DIR, command_line, interleaved, machine, 
                                median_ms, write_json)
 from export.onnx_export import INPUT_NAME, export_model, metadata_for, sha256_of
 from export.quantize import compare, quantize_file
+from imaging.preprocessing import Preprocessing
 from serve.predictor import create_session, physical_cores
 from training import checkpoint
 from training.models import MODEL_NAMES, create_model
-from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, decode
+from training.transforms import EvalTransform, decode
 
 ENGINES = ("torch", "ort_fp32", "ort_int8")
 
@@ -66,9 +68,11 @@ def load_weights(name: str, run_dir: Path | None, size: int) -> tuple[dict, str]
 
         torch.manual_seed(0)
         model = create_model(name, len(CLASSES))
-        ckpt = checkpoint.model_record(name, model, list(CLASSES), (size, size), IMAGENET_MEAN, IMAGENET_STD)
+        ckpt = checkpoint.model_record(name, model, list(CLASSES), Preprocessing(input_size=(size, size)))
         sha = "untrained"
-    return {**ckpt, "image_size": [size, size]}, sha
+    at_size = dataclasses.replace(checkpoint.preprocessing_of(ckpt), input_size=(size, size))
+    return {**ckpt, "format": checkpoint.FORMAT_VERSION, "preprocessing": at_size.to_dict(),
+            "architecture_spec": checkpoint.architecture_of(ckpt).to_dict()}, sha
 
 
 def calibration_images(run_dir: Path | None, size: int, count: int) -> np.ndarray:
@@ -76,13 +80,14 @@ def calibration_images(run_dir: Path | None, size: int, count: int) -> np.ndarra
     if run_dir is not None:
         from export.run import split_images
 
-        images, _, _ = split_images(run_dir, "train", (size, size), count)
+        images, _, _ = split_images(run_dir, "train", Preprocessing(input_size=(size, size)), count)
         if len(images):
             return images
     from training.synthetic import CLASSES, draw_image
 
-    transform = EvalTransform()
-    drawn = [transform(decode(draw_image(i % len(CLASSES), np.random.default_rng([7, i])), (size, size)))
+    spec = Preprocessing(input_size=(size, size))
+    transform = EvalTransform(spec)
+    drawn = [transform(decode(draw_image(i % len(CLASSES), np.random.default_rng([7, i])), spec))
              for i in range(count)]
     return torch.stack(drawn).numpy()
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from benchmarks.common import RESULTS_DIR, command_line, machine, markdown_table, write_json
 from training import distributed
@@ -27,8 +26,9 @@ from training.config import QUICK_PROFILE, ConfigError, TrainConfig, make_config
 from training.data import DataError, SplitImages, index_image_folder, prepare_data
 from training.engine import Precision, train_one_epoch
 from training.models import MODEL_NAMES, create_model
+from training.recipe import build_optimization
 from training.synthetic import ensure_builtin_dataset
-from training.trainer import default_workers, train_loader
+from training.trainer import default_workers, preprocessing_for, train_loader
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,8 +61,8 @@ def benchmark_model(name: str, data, config: TrainConfig, rounds: int, device: t
     model = create_model(name, len(data.class_names)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    recipe = build_optimization(model, config)  # the trainer's own optimizer and loss
+    optimizer, criterion = recipe.optimizer, recipe.criterion
     precision = Precision(device)
     train_set, sampler, loader = train_loader(data, config, world, device)
 
@@ -105,18 +105,17 @@ def main(argv=None) -> int:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if not names or any(n not in MODEL_NAMES for n in names):
         print(f"error: --models must name some of {', '.join(MODEL_NAMES)}", file=sys.stderr)
-        return 1
+        return 2
     root = Path(args.data) if args.data else ensure_builtin_dataset()
     try:
         config = make_config({"data": str(root), "image_size": args.image_size,
                               "batch_size": args.batch_size, "workers": args.workers,
                               "test_fraction": QUICK_PROFILE["test_fraction"]})
-        size = (config.image_size, config.image_size)
-        data = prepare_data(index_image_folder(root), size, config.val_fraction,
+        data = prepare_data(index_image_folder(root), preprocessing_for(config), config.val_fraction,
                             config.test_fraction, config.seed)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     device = torch.device(args.device)
     if args.max_images:
         train = data.splits["train"]

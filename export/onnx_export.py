@@ -1,8 +1,10 @@
 """Checkpoint -> standalone ONNX file: softmax in the graph, everything an app needs in metadata.
 
 The file has one input ``image`` (float32, N x 3 x H x W, N dynamic) and two outputs,
-``logits`` and ``probabilities``. Its ``metadata_props`` carry the class names, input size,
-resize rule, mean and std (see METADATA_KEYS), so any app can use it with nothing else.
+``logits`` and ``probabilities``. Its ``metadata_props`` carry the class names, the
+preprocessing spec under timm's ``pretrained_cfg`` names (``input_size`` as [3, H, W],
+``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``, plus the rule in words,
+``resize``) and the architecture spec (see METADATA_KEYS), so any app can use it with nothing else.
 """
 from __future__ import annotations
 
@@ -18,44 +20,21 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-import imaging
-from training.checkpoint import rebuild_model
-from training.models import ARCHITECTURES
+from common.errors import Failure
+from imaging import preprocessing
+from training.checkpoint import architecture_of, preprocessing_of, rebuild_model
 
 DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
 METADATA_KEYS = (
-    "class_names", "input_size", "resize", "mean", "std", "architecture", "display_name",
-    "val_accuracy", "checkpoint_sha256", "torch_version", "onnx_version", "exported_at", "precision",
+    "class_names", *preprocessing.METADATA_KEYS, "architecture", "architecture_spec",
+    "display_name", "val_accuracy", "checkpoint_sha256", "torch_version", "onnx_version",
+    "exported_at", "precision",
 )
 
 
-class ExportError(Exception):
+class ExportError(Failure):
     """An export that cannot be completed, with a one-line reason."""
-
-
-class ExpMish(nn.Module):
-    """Mish written as x * n / (n + 2) with n = e^x (e^x + 2), the same function as
-    x * tanh(softplus(x)). ONNX Runtime runs this form about 4x faster than its own Mish op."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = torch.exp(torch.clamp(x, max=20.0))  # beyond 20, n / (n + 2) == 1 in float32
-        n = e * (e + 2.0)
-        return x * n / (n + 2.0)
-
-
-class PooledMish(nn.Module):
-    """max_pool(mish(x)) computed on pooled tensors a quarter of the size, exactly: Mish falls,
-    then rises (one minimum, near x = -1.19), so a window's largest Mish value is the Mish of the
-    window's largest or of its smallest element. Saves most of the stem's Mish work."""
-
-    def __init__(self, pool: nn.MaxPool2d):
-        super().__init__()
-        self.pool = pool
-        self.mish = ExpMish()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(self.mish(self.pool(x)), self.mish(-self.pool(-x)))
 
 
 class WithProbabilities(nn.Module):
@@ -77,26 +56,18 @@ def sha256_of(path: Path) -> str:
 
 
 def exportable(model: nn.Module) -> nn.Module:
-    """The eval-mode graph to export: Mish swapped for its faster equivalents, softmax added."""
-    if isinstance(getattr(model, "act", None), nn.Mish) and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
-        model.maxpool, model.act = PooledMish(model.maxpool), nn.Identity()  # the stem
-    for name, module in list(model.named_modules()):
-        for child_name, child in module.named_children():
-            if isinstance(child, nn.Mish):
-                setattr(module, child_name, ExpMish())
-    return WithProbabilities(model).eval()
+    """The eval-mode graph to export: the model's export form (fast Mish), softmax added."""
+    return WithProbabilities(model.export_form()).eval()
 
 
 def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32") -> dict[str, str]:
-    arch = ckpt["architecture"]
+    arch = architecture_of(ckpt)
     return {
         "class_names": json.dumps(ckpt["class_names"]),
-        "input_size": json.dumps(list(ckpt["image_size"])),
-        "resize": imaging.RESIZE_RULE,
-        "mean": json.dumps(list(ckpt["mean"])),
-        "std": json.dumps(list(ckpt["std"])),
-        "architecture": arch,
-        "display_name": ARCHITECTURES[arch].display_name,
+        **preprocessing_of(ckpt).to_metadata(),
+        "architecture": ckpt["architecture"],
+        "architecture_spec": json.dumps(arch.to_dict()),
+        "display_name": arch.display_name,
         "val_accuracy": f"{ckpt.get('val_accuracy', float('nan')):.6f}",
         "checkpoint_sha256": checkpoint_sha256,
         "torch_version": torch.__version__,
@@ -120,7 +91,7 @@ def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int 
     never leaves a half-written or unproven .onnx file under its final name.
     """
     model = exportable(rebuild_model(ckpt))
-    height, width = ckpt["image_size"]
+    height, width = preprocessing_of(ckpt).input_size
     example = torch.randn(2, 3, height, width)
     tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     try:

@@ -36,8 +36,9 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       QuantType, quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from export.onnx_export import INPUT_NAME, ExpMish, PooledMish, set_metadata
-from training.models import SqueezeExcite
+from common.errors import Failure
+from export.onnx_export import INPUT_NAME, set_metadata
+from training.layers import ExpMish, PooledMish, SqueezeExcite
 
 CALIBRATION_IMAGES = 256  # the most training images calibration reads
 CALIBRATION_BATCH = 16
@@ -58,7 +59,7 @@ MISH_GATE_FITS = (
 )
 
 
-class QuantizeError(Exception):
+class QuantizeError(Failure):
     """A quantization that cannot be completed, with a one-line reason."""
 
 

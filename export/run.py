@@ -1,7 +1,8 @@
 """``python -m export.run``: export a run's best checkpoints to ONNX and prove parity.
 
 With no arguments: every model of the newest run under runs/ into models/<model>.onnx, plus
-models/manifest.json, models/<model>.parity.json and a few example images for the app.
+models/manifest.json, models/<model>.parity.json, the model card models/README.md and a few
+example images for the app.
 With ``--quantize int8`` also models/<model>.int8.onnx and its report models/<model>.int8.json.
 """
 from __future__ import annotations
@@ -16,17 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UserError, run_cli
+from common.files import write_json
+from export import model_card
 from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for, sha256_of
 from export.parity import check_parity
-from export.quantize import CALIBRATION_IMAGES, QuantizeError, compare, quantize_file
-from export.triton import TritonError, write_repository
+from export.quantize import CALIBRATION_IMAGES, compare, quantize_file
+from export.triton import write_repository
+from imaging.preprocessing import Preprocessing
 from serve.predictor import create_session
 from training import checkpoint
-from training.checkpoint import CheckpointError
 from training.models import MODEL_NAMES
-from training.reports import write_json
 from training.run import RUNS_DIR, newest_run
-from training.config import ConfigError
 from training.transforms import EvalTransform, decode
 
 EXAMPLES_PER_CLASS = 2
@@ -48,27 +50,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def split_images(run_dir: Path, split: str, size: tuple[int, int], limit: int):
+def split_images(run_dir: Path, split: str, preprocessing: Preprocessing, limit: int):
     """One split of the run (splits.json) through the real preprocessing: images, labels, paths."""
     splits_file = run_dir / "splits.json"
     listed = json.loads(splits_file.read_text()).get(split, []) if splits_file.is_file() else []
-    transform = EvalTransform()
+    transform = EvalTransform(preprocessing)
     kept, labels, tensors = [], [], []
     for p, label in listed[:limit]:
         try:
-            tensors.append(transform(decode(p, size)))
+            tensors.append(transform(decode(p, preprocessing)))
         except (OSError, ValueError):  # the file changed since training: skip it
             continue
         kept.append(p)
         labels.append(label)
     if not tensors:
-        return np.empty((0, 3, *size), np.float32), np.empty(0, np.int64), []
+        return np.empty((0, 3, *preprocessing.input_size), np.float32), np.empty(0, np.int64), []
     return torch.stack(tensors).numpy(), np.asarray(labels, np.int64), kept
 
 
-def validation_images(run_dir: Path, size: tuple[int, int], limit: int = PARITY_IMAGES):
+def validation_images(run_dir: Path, preprocessing: Preprocessing, limit: int = PARITY_IMAGES):
     """The run's own validation images through the real preprocessing, and their paths."""
-    images, _, paths = split_images(run_dir, "val", size, limit)
+    images, _, paths = split_images(run_dir, "val", preprocessing, limit)
     return images, paths
 
 
@@ -95,8 +97,8 @@ def copy_examples(run_dir: Path, out_dir: Path) -> list[str]:
 
 def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path) -> dict:
     """<model>.int8.onnx from the exported FP32 file, its report, and its manifest entry."""
-    name, size = entry["name"], tuple(ckpt["image_size"])
-    calibration, _, _ = split_images(run_dir, "train", size, CALIBRATION_IMAGES)
+    name, spec = entry["name"], checkpoint.preprocessing_of(ckpt)
+    calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES)
     if not len(calibration):
         raise ExportError(f"{name}: no training images listed in '{run_dir / 'splits.json'}' "
                           "to calibrate INT8 on")
@@ -104,7 +106,7 @@ def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_d
     metadata = metadata_for(ckpt, ckpt_sha256, "int8")
     tmp = quantize_file(fp32_path, out_path, calibration, metadata)
     try:
-        images, labels, _ = split_images(run_dir, "val", size, INT8_REPORT_IMAGES)
+        images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES)
         report = compare(create_session(fp32_path), create_session(tmp), images, labels)
         os.replace(tmp, out_path)
     finally:
@@ -135,7 +137,7 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
     out_path = out_dir / f"{name}.onnx"
     tmp = export_model(ckpt, ckpt_sha256, out_path, opset)
     try:
-        images, _ = validation_images(run_dir, tuple(ckpt["image_size"]))
+        images, _ = validation_images(run_dir, checkpoint.preprocessing_of(ckpt))
         report = check_parity(model, create_session(tmp), images)
         print(f"{name}: parity {report.summary()}", flush=True)
         write_json(out_dir / f"{name}.parity.json", {"model": name, **report.as_dict()})
@@ -149,10 +151,11 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
     meta = Predictor(out_path).metadata
     entry = {
         "name": name, "file": out_path.name, "precision": "fp32",
-        **{k: meta[k] for k in ("display_name", "architecture", "resize", "checkpoint_sha256",
+        **{k: meta[k] for k in ("display_name", "architecture", "checkpoint_sha256",
                                 "torch_version", "onnx_version", "exported_at")},
-        "class_names": json.loads(meta["class_names"]), "input_size": json.loads(meta["input_size"]),
-        "mean": json.loads(meta["mean"]), "std": json.loads(meta["std"]),
+        "architecture_spec": json.loads(meta["architecture_spec"]),
+        "class_names": json.loads(meta["class_names"]),
+        "preprocessing": Preprocessing.from_metadata(meta).to_dict(),
         "val_accuracy": float(meta["val_accuracy"]),
         "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
         "parity": report.as_dict(),
@@ -161,35 +164,36 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run_dir = Path(args.run) if args.run else newest_run(RUNS_DIR)
-        if not run_dir.is_dir():
-            raise ExportError(f"run folder '{run_dir}' does not exist")
-        available = [n for n in MODEL_NAMES if (run_dir / n / "best.pt").is_file()]
-        names = [m.strip() for m in args.models.split(",")] if args.models else available
-        missing = [n for n in names if n not in available]
-        if missing or not names:
-            raise ExportError(f"no best.pt for {', '.join(missing) or 'any model'} in '{run_dir}'")
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"Exporting {', '.join(names)} from {run_dir} to {out_dir}/ (opset {args.opset})", flush=True)
-        exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize) for name in names]
-        # FP32 entries first: a reader that ignores "precision" still finds one file per model.
-        entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
-                  [e for per_model in exported for e in per_model if e["precision"] != "fp32"]
-        examples = copy_examples(run_dir, out_dir)
-        write_json(out_dir / "manifest.json", {"run": str(run_dir), "models": entries, "examples": examples})
-        print(f"Wrote {len(entries)} model(s), {len(examples)} example image(s) and "
-              f"{out_dir / 'manifest.json'}", flush=True)
-        if args.triton:
-            folders = write_repository(out_dir, Path(args.triton))
-            print(f"Wrote the Triton model repository {args.triton}/: "
-                  + ", ".join(f.name for f in folders), flush=True)
-        return 0
-    except (ExportError, QuantizeError, CheckpointError, ConfigError, TritonError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: export(parse_args(argv)))
+
+
+def export(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run) if args.run else newest_run(RUNS_DIR)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder '{run_dir}' does not exist")
+    available = [n for n in MODEL_NAMES if (run_dir / n / "best.pt").is_file()]
+    names = [m.strip() for m in args.models.split(",")] if args.models else available
+    missing = [n for n in names if n not in available]
+    if missing or not names:
+        raise UserError(f"no best.pt for {', '.join(missing) or 'any model'} in '{run_dir}'")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"Exporting {', '.join(names)} from {run_dir} to {out_dir}/ (opset {args.opset})", flush=True)
+    exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize) for name in names]
+    # FP32 entries first: a reader that ignores "precision" still finds one file per model.
+    entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
+              [e for per_model in exported for e in per_model if e["precision"] != "fp32"]
+    examples = copy_examples(run_dir, out_dir)
+    manifest = {"run": str(run_dir), "models": entries, "examples": examples}
+    write_json(out_dir / "manifest.json", manifest)
+    model_card.write(out_dir / "README.md", manifest, run_dir)
+    print(f"Wrote {len(entries)} model(s), {len(examples)} example image(s), "
+          f"{out_dir / 'manifest.json'} and the model card {out_dir / 'README.md'}", flush=True)
+    if args.triton:
+        folders = write_repository(out_dir, Path(args.triton))
+        print(f"Wrote the Triton model repository {args.triton}/: "
+              + ", ".join(f.name for f in folders), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

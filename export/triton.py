@@ -21,6 +21,8 @@ from pathlib import Path
 
 import onnx
 
+from common.errors import UserError, run_cli
+
 MAX_BATCH_SIZE = 32  # Triton batches concurrent requests up to this many images
 QUEUE_DELAY_US = 2000  # how long a request may wait for others to join its batch
 LABELS_FILE = "labels.txt"
@@ -39,7 +41,7 @@ TRITON_TYPES = {
 }
 
 
-class TritonError(Exception):
+class TritonError(UserError):
     """A model that cannot go into a Triton repository, with a one-line reason."""
 
 
@@ -132,16 +134,16 @@ def write_repository(models_dir: Path, repo: Path, names: list[str] | None = Non
 
 
 def main(argv=None) -> int:
+    return run_cli(lambda: write(argv))
+
+
+def write(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.triton",
                                      description="Write a Triton model repository from exported ONNX models.")
     parser.add_argument("--models", default="models", help="export folder with manifest.json (default: models)")
     parser.add_argument("--out", default="triton", help="model repository to write (default: triton)")
     args = parser.parse_args(argv)
-    try:
-        folders = write_repository(Path(args.models), Path(args.out))
-    except TritonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    folders = write_repository(Path(args.models), Path(args.out))
     print(f"Wrote {len(folders)} model(s) to the Triton repository {args.out}/: "
           + ", ".join(f.name for f in folders), flush=True)
     return 0

@@ -5,7 +5,7 @@ Both sides must turn the same file into the same pixels, so the rules live here 
 - animated images use their first frame;
 - every mode becomes 8-bit RGB the same way (see ``to_rgb``);
 - images above a pixel limit are refused from their header, before decoding;
-- the model input is the RGB image resized to exactly H x W with Pillow's bilinear filter.
+- the model input is the RGB image resized as ``imaging.preprocessing.Preprocessing`` says.
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 80_000_000
 # Transparent pixels are composited onto this colour, so RGBA/LA/P images are deterministic.
 BACKGROUND = (255, 255, 255)
-RESAMPLE = Image.Resampling.BILINEAR
-RESIZE_RULE = "exact HxW, bilinear (Pillow), aspect ratio not kept, no crop"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 Source = Union[str, os.PathLike, bytes, BinaryIO]
@@ -83,17 +81,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_exact(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize an RGB image to exactly ``size`` = (height, width), the model's input rule."""
+def resize_exact(img: Image.Image, size: tuple[int, int],
+                 resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
+    """Resize an RGB image to exactly ``size`` = (height, width), aspect ratio not kept."""
     height, width = size
     if img.size == (width, height):
         return img
-    return img.resize((width, height), RESAMPLE)
-
-
-def model_pixels(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """What a model is fed before scaling: the RGB image at exactly ``size``, H x W x 3 uint8."""
-    return np.asarray(resize_exact(to_rgb(img), size), dtype=np.uint8)
+    return img.resize((width, height), resample)
 
 
 def is_image_name(name: str) -> bool:

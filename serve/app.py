@@ -5,7 +5,8 @@
 
 Every model of the chosen precision in DIR/manifest.json is loaded once, at start; a start-up
 problem (no folder, no models, a broken or metadata-less .onnx file, class names that differ,
-a port in use) ends the program with one line on stderr and exit code 1.
+a port in use) ends the program with one line on stderr and exit code 2 (1 if the server fails
+once it has started listening).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import imaging  # noqa: E402
-from serve.catalog import PRECISIONS, CatalogError, load_catalog  # noqa: E402
+from common.errors import Failure, UserError, run_cli  # noqa: E402
+from serve.catalog import PRECISIONS, load_catalog  # noqa: E402
 
 MAX_UPLOAD = "50mb"  # larger uploads are refused before they reach the decoder
 MAX_WAITING = 64  # requests beyond this many waiting in the queue are turned away
@@ -71,16 +73,14 @@ def interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_cli(lambda: serve(parse_args(argv)))
+
+
+def serve(args: argparse.Namespace) -> int:
     problem = port_problem(args.host, args.port)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        catalog = load_catalog(args.models, args.precision)
-    except CatalogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise UserError(problem)
+    catalog = load_catalog(args.models, args.precision)
     print(f"Loaded {', '.join(p.display_name for p in catalog.predictors)} "
           f"({catalog.precision}) from {catalog.folder}", flush=True)
 
@@ -104,9 +104,7 @@ def main(argv=None) -> int:
                     ssr_mode=False, mcp_server=False, pwa=False, theme=theme,
                     run_history=False, footer_links=["api", "settings"])  # no history kept
     except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {str(exc).splitlines()[0]}",
-              file=sys.stderr)
-        return 1
+        raise Failure(f"cannot listen on {args.host}:{args.port}: {str(exc).splitlines()[0]}") from None
     except KeyboardInterrupt:  # stopped while starting; once serving, Gradio handles it
         demo.close()
     return 0

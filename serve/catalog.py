@@ -13,12 +13,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from common.errors import UserError
 from serve.predictor import ModelFileError, Predictor
 
 PRECISIONS = ("fp32", "int8")
 
 
-class CatalogError(Exception):
+class CatalogError(UserError):
     """A models folder that cannot be served, with a one-line reason."""
 
 

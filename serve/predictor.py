@@ -1,8 +1,9 @@
 """Classify images with one exported ONNX file: ONNX Runtime, numpy and Pillow only.
 
-Everything the model needs (class names, input size, mean, std) is read from the file's
-metadata, and preprocessing repeats the validation transform step for step:
-any mode to RGB, resize to exactly H x W (bilinear), scale to [0, 1], normalise.
+Everything the model needs (class names and the preprocessing spec) is read from the file's
+metadata, and preprocessing is built from that spec (``imaging.preprocessing``), the one the
+validation transform is built from: any mode to RGB, resize to exactly H x W, scale to [0, 1],
+normalise.
 
     from serve.predictor import Predictor
     model = Predictor("models/resnet34.onnx")
@@ -21,11 +22,13 @@ import onnxruntime as ort
 from PIL import Image
 
 import imaging
+from common.errors import UserError
+from imaging.preprocessing import Preprocessing
 
 REQUIRED_METADATA = ("class_names", "input_size", "mean", "std", "architecture", "display_name")
 
 
-class ModelFileError(Exception):
+class ModelFileError(UserError):
     """An .onnx file that cannot be served, with a one-line reason."""
 
 
@@ -78,12 +81,10 @@ class Predictor:
                                  "(export it with python -m export.run)")
         try:
             self.class_names: list[str] = json.loads(meta["class_names"])
-            height, width = json.loads(meta["input_size"])
-            self.mean = np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1)
-            self.std = np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1)
+            self.preprocessing = Preprocessing.from_metadata(meta)
         except (ValueError, TypeError) as exc:
             raise ModelFileError(f"'{self.path}' has malformed metadata: {exc}") from None
-        self.input_size = (int(height), int(width))
+        self.input_size = self.preprocessing.input_size  # (H, W)
         self.metadata = dict(meta)
         self.name = self.path.name.split(".")[0]
         self.display_name = meta["display_name"]
@@ -94,9 +95,7 @@ class Predictor:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """A Pillow image (any mode) as the model's 1 x 3 x H x W float32 input."""
-        pixels = imaging.model_pixels(image, self.input_size).transpose(2, 0, 1)
-        scaled = pixels.astype(np.float32) / np.float32(255.0)
-        return ((scaled - self.mean) / self.std)[None]
+        return self.preprocessing(image)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a preprocessed N x 3 x H x W batch."""

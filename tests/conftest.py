@@ -38,6 +38,37 @@ def trained_run(tiny_dataset, tmp_path_factory) -> Path:
     return run_dir
 
 
+def write_easy_dataset(root: Path, per_class: int = 60) -> Path:
+    """Two classes a working network tells apart at once: reddish and bluish noisy squares."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+EASY_MODELS = ("resnet34", "resnet34_modified")
+
+
+@pytest.fixture(scope="session")
+def easy_run(tmp_path_factory) -> Path:
+    """Two models trained for a few epochs on easy data: decisive, unlike the one-epoch tiny run."""
+    from training.run import main
+
+    base = tmp_path_factory.mktemp("easy")
+    run_dir = base / "run"
+    code = main(["--data", str(write_easy_dataset(base / "data")), "--models", ",".join(EASY_MODELS),
+                 "--epochs", "4", "--image-size", str(TINY_SIZE), "--batch-size", "8",
+                 "--val-fraction", "0.25", "--workers", "0", "--out", str(run_dir)])
+    assert code == 0
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def exported_models(trained_run, tmp_path_factory) -> Path:
     """The tiny run exported to ONNX (with manifest, parity files and examples)."""

@@ -1,4 +1,5 @@
 """Dataset layouts, bad-file handling, one-line data errors and the stratified split."""
+import io
 import json
 import os
 import re
@@ -15,9 +16,11 @@ from conftest import TINY_SIZE, run_python
 from training.data import (
     DataError, Sample, index_csv, index_image_folder, prepare_data, stratified_split,
 )
+from imaging.preprocessing import Preprocessing
 from training.synthetic import BROKEN_FILES, CLASSES
 
 SIZE = (TINY_SIZE, TINY_SIZE)
+SPEC = Preprocessing(input_size=SIZE)
 
 
 def write_images(folder: Path, count: int, seed: int = 0, prefix: str = "img") -> list[Path]:
@@ -64,7 +67,7 @@ def test_image_folder_without_splits(tiny_dataset):
     assert index.class_names == list(CLASSES)
     assert not index.presplit
     assert len(index.splits["all"]) == 12 * len(CLASSES) + len(BROKEN_FILES)
-    data = prepare_data(index, SIZE, val_fraction=0.2, test_fraction=0.0, seed=67, processes=1)
+    data = prepare_data(index, SPEC, val_fraction=0.2, test_fraction=0.0, seed=67, processes=1)
     assert sorted(Path(b["path"]).relative_to(tiny_dataset).as_posix() for b in data.bad_files) \
         == sorted(BROKEN_FILES)
     assert set(data.splits) == {"train", "val"}
@@ -84,7 +87,7 @@ def test_image_folder_with_premade_splits(tmp_path):
             write_images(tmp_path / split / name, count, seed=label, prefix=f"{split}-")
     index = index_image_folder(tmp_path)
     assert index.presplit and index.class_names == ["cat", "dog"]
-    data = prepare_data(index, SIZE, val_fraction=0.2, test_fraction=0.0, seed=0, processes=1)
+    data = prepare_data(index, SPEC, val_fraction=0.2, test_fraction=0.0, seed=0, processes=1)
     assert set(data.splits) == {"train", "val", "test"}
     for split, count in (("train", 4), ("val", 2), ("test", 2)):
         paths = data.splits[split].paths
@@ -97,7 +100,7 @@ def test_premade_val_may_lack_a_class(tmp_path):
     write_images(tmp_path / "train" / "a", 3)
     write_images(tmp_path / "train" / "b", 3)
     write_images(tmp_path / "val" / "a", 2)
-    data = prepare_data(index_image_folder(tmp_path), SIZE, 0.2, 0.0, 0, processes=1)
+    data = prepare_data(index_image_folder(tmp_path), SPEC, 0.2, 0.0, 0, processes=1)
     assert data.splits["val"].labels.tolist() == [0, 0]
 
 
@@ -106,7 +109,7 @@ def test_train_folder_alone_is_split_like_a_plain_layout(tmp_path):
         write_images(tmp_path / "train" / name, 5, seed=label)
     index = index_image_folder(tmp_path)
     assert not index.presplit and index.class_names == ["cat", "dog"]
-    data = prepare_data(index, SIZE, 0.2, 0.0, 0, processes=1)
+    data = prepare_data(index, SPEC, 0.2, 0.0, 0, processes=1)
     assert Counter(data.splits["val"].labels.tolist()) == {0: 1, 1: 1}
     assert len(data.splits["train"]) == 8
 
@@ -118,17 +121,17 @@ def test_premade_train_class_without_valid_images_is_an_error(tmp_path):
     write_images(tmp_path / "val" / "a", 1)
     write_images(tmp_path / "val" / "b", 1)  # images to validate on, none to learn from
     with pytest.raises(DataError, match="class\\(es\\) b have no valid training images"):
-        prepare_data(index_image_folder(tmp_path), SIZE, 0.2, 0.0, 0, processes=1)
+        prepare_data(index_image_folder(tmp_path), SPEC, 0.2, 0.0, 0, processes=1)
 
 
 def test_decoded_pixels_match_the_file(tmp_path):
     from training.transforms import decode
 
     paths = write_images(tmp_path / "a", 2) + write_images(tmp_path / "b", 2, seed=1)
-    data = prepare_data(index_image_folder(tmp_path), SIZE, 0.5, 0.0, 0, processes=1)
+    data = prepare_data(index_image_folder(tmp_path), SPEC, 0.5, 0.0, 0, processes=1)
     for split in data.splits.values():
         for image, path in zip(split.images, split.paths):
-            assert torch.equal(image, decode(path, SIZE))
+            assert torch.equal(image, decode(path, SPEC))
     assert sorted(p for s in data.splits.values() for p in s.paths) == sorted(map(str, paths))
 
 
@@ -137,8 +140,8 @@ def test_parallel_decoding_gives_the_same_result(tmp_path):
         write_images(tmp_path / name, 40, seed=len(name))
     write_bad_files(tmp_path / "a")
     index = index_image_folder(tmp_path)
-    one = prepare_data(index, SIZE, 0.2, 0.0, 5, processes=1)
-    two = prepare_data(index, SIZE, 0.2, 0.0, 5, processes=2)
+    one = prepare_data(index, SPEC, 0.2, 0.0, 5, processes=1)
+    two = prepare_data(index, SPEC, 0.2, 0.0, 5, processes=2)
     assert one.bad_files == two.bad_files
     for name in one.splits:
         assert one.splits[name].paths == two.splits[name].paths
@@ -165,7 +168,7 @@ def test_csv_layout(tmp_path):
     assert len(index.bad_files) == 1
     assert index.bad_files[0]["path"] == str(images / "missing.png")
     assert "line 10" in index.bad_files[0]["reason"] and "missing" in index.bad_files[0]["reason"]
-    data = prepare_data(index, SIZE, 0.25, 0.0, 0, processes=1)
+    data = prepare_data(index, SPEC, 0.25, 0.0, 0, processes=1)
     assert data.bad_files == index.bad_files
     assert data.total_files == 9
     labels = dict(rows)
@@ -184,12 +187,33 @@ def test_csv_bad_image_in_a_listed_file_is_skipped(tmp_path):
     csv_path, images = _csv_layout(tmp_path, [(f"img{i:02d}.png", "ab"[i % 2]) for i in range(8)]
                                    + [("zero.png", "a")])
     (images / "zero.png").write_bytes(b"")
-    data = prepare_data(index_csv(csv_path, images), SIZE, 0.25, 0.0, 0, processes=1)
+    data = prepare_data(index_csv(csv_path, images), SPEC, 0.25, 0.0, 0, processes=1)
     assert [b["path"] for b in data.bad_files] == [str(images / "zero.png")]
     assert sum(len(s) for s in data.splits.values()) == 8
 
 
 # --- bad files in a real run -----------------------------------------------------------------
+
+def test_a_jpeg_cut_inside_its_scan_data_is_skipped_and_reported(tmp_path):
+    # Cut after the header: Pillow opens it and reads its size; only decoding the pixels fails.
+    # (Cuts inside the header are covered above; a loader that let Pillow fill in missing
+    # data, ImageFile.LOAD_TRUNCATED_IMAGES, would train on grey blocks.)
+    root = tmp_path / "data"
+    write_images(root / "apples", 4)
+    write_images(root / "pears", 4, seed=1)
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    data = jpeg.getvalue()
+    start_of_scan = data.index(b"\xff\xda")
+    cut = data[: start_of_scan + (len(data) - start_of_scan) // 2]
+    (root / "pears" / "cut.jpg").write_bytes(cut)
+    with Image.open(io.BytesIO(cut)) as img:
+        assert img.size == (64, 64)  # the header is whole
+    data = prepare_data(index_image_folder(root), SPEC, 0.25, 0.0, 0, processes=1)
+    assert [Path(b["path"]).name for b in data.bad_files] == ["cut.jpg"]
+    assert "truncated" in data.bad_files[0]["reason"]
+    assert all("cut.jpg" not in p for split in data.splits.values() for p in split.paths)
+
 
 def test_bad_files_are_skipped_and_reported(tmp_path, capsys):
     from training.run import main
@@ -332,7 +356,7 @@ def test_split_is_driven_by_the_seed():
 def test_prepare_data_split_is_driven_by_the_seed(tiny_dataset):
     index = index_image_folder(tiny_dataset)
     def val_paths(seed):
-        return prepare_data(index, SIZE, 0.2, 0.1, seed, processes=1).splits["val"].paths
+        return prepare_data(index, SPEC, 0.2, 0.1, seed, processes=1).splits["val"].paths
 
     assert val_paths(3) == val_paths(3)
     assert val_paths(3) != val_paths(4)

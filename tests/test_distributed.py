@@ -21,6 +21,7 @@ import torch
 import torchvision
 
 from conftest import ROOT, TINY_SIZE, run_python
+from imaging.preprocessing import Preprocessing
 from training import checkpoint, reports
 from training.config import TrainConfig
 from training.data import SplitImages
@@ -88,18 +89,18 @@ def test_one_set_of_artifacts(ddp_run):
     assert config["freeze_epochs"] == 1 and config["init_weights"]
 
 
-def validation_split(run_dir: Path, size: tuple[int, int]) -> SplitImages:
+def validation_split(run_dir: Path, spec: Preprocessing) -> SplitImages:
     """All validation images of the run, decoded by the training code."""
     val = json.loads((run_dir / "splits.json").read_text())["val"]
     paths = [p for p, _ in val]
-    return SplitImages(torch.stack([decode(p, size) for p in paths]),
+    return SplitImages(torch.stack([decode(p, spec) for p in paths]),
                        torch.tensor([label for _, label in val]), paths)
 
 
-def single_process_eval(model, split: SplitImages):
+def single_process_eval(model, split: SplitImages, spec: Preprocessing):
     cpu = torch.device("cpu")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=TrainConfig().label_smoothing)
-    return evaluate(model, split, criterion, EvalTransform(), Precision(cpu), cpu, World())
+    return evaluate(model, split, criterion, EvalTransform(spec), Precision(cpu), cpu, World())
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -109,11 +110,12 @@ def test_validation_metrics_cover_the_whole_split(ddp_run, name):
     with open(run_dir / name / "history.csv") as f:
         history = {int(row["epoch"]): row for row in csv.DictReader(f)}
     best, last = (checkpoint.load(run_dir / name / f) for f in ("best.pt", "last.pt"))
-    split = validation_split(run_dir, tuple(best["image_size"]))
+    spec = checkpoint.preprocessing_of(best)
+    split = validation_split(run_dir, spec)
 
     # The final report, the evaluation stored with best.pt and the history row of the best
     # epoch all agree with one process evaluating every validation image with best.pt.
-    whole = single_process_eval(checkpoint.rebuild_model(best), split)
+    whole = single_process_eval(checkpoint.rebuild_model(best), split, spec)
     row = history[best["epoch"]]
     for loss, accuracy in ((report["val_loss"], report["val_accuracy"]),
                            (best["val_loss"], best["val_accuracy"]),
@@ -127,14 +129,14 @@ def test_validation_metrics_cover_the_whole_split(ddp_run, name):
     # So does the last epoch's row with last.pt: after full DDP training steps, every rank
     # evaluated its shard with the model rank 0 saved (same BatchNorm statistics).
     last_model = checkpoint.rebuild_model(last)
-    whole = single_process_eval(last_model, split)
+    whole = single_process_eval(last_model, split, spec)
     assert float(history[last["epoch"]]["val_loss"]) == pytest.approx(whole.loss, rel=1e-5)
     assert float(history[last["epoch"]]["val_accuracy"]) == pytest.approx(whole.accuracy, abs=1e-9)
     # The check bites: either rank's shard alone gives a clearly different loss.
     for rank in range(PROCESSES):
         rows = torch.arange(rank, len(split), PROCESSES)
         shard = single_process_eval(last_model, SplitImages(split.images[rows], split.labels[rows],
-                                                            [split.paths[i] for i in rows]))
+                                                            [split.paths[i] for i in rows]), spec)
         assert shard.loss != pytest.approx(whole.loss, rel=1e-3)
 
 

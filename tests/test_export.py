@@ -13,7 +13,9 @@ import torch
 import imaging
 from conftest import TINY_SIZE, run_python
 from export import parity
-from export.onnx_export import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES, ExpMish, PooledMish
+from export.onnx_export import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES
+from imaging.preprocessing import Preprocessing
+from training.layers import ExpMish, PooledMish
 from export.run import validation_images
 from serve.predictor import create_session
 from training import checkpoint
@@ -26,7 +28,7 @@ def _sha256(path) -> str:
 
 @pytest.fixture(scope="module")
 def val_images(trained_run):
-    images, paths = validation_images(trained_run, (TINY_SIZE, TINY_SIZE))
+    images, paths = validation_images(trained_run, Preprocessing(input_size=(TINY_SIZE, TINY_SIZE)))
     assert len(paths) == len(json.loads((trained_run / "splits.json").read_text())["val"]) > 0
     return images
 
@@ -103,12 +105,16 @@ def test_onnx_file_facts(trained_run, exported_models, name):
     ckpt_path = trained_run / name / "best.pt"
     ckpt = checkpoint.load(ckpt_path)
     assert json.loads(meta["class_names"]) == ckpt["class_names"]
-    assert json.loads(meta["input_size"]) == ckpt["image_size"] == [TINY_SIZE, TINY_SIZE]
-    assert json.loads(meta["mean"]) == pytest.approx(ckpt["mean"])
-    assert json.loads(meta["std"]) == pytest.approx(ckpt["std"])
+    # The preprocessing spec under timm's pretrained_cfg names and forms.
+    assert json.loads(meta["input_size"]) == ckpt["preprocessing"]["input_size"] == [3, TINY_SIZE, TINY_SIZE]
+    assert (meta["interpolation"], meta["crop_mode"], float(meta["crop_pct"])) == ("bilinear", "squash", 1.0)
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(meta["std"]) == pytest.approx([0.229, 0.224, 0.225])
+    assert Preprocessing.from_metadata(meta) == checkpoint.preprocessing_of(ckpt)
+    assert "bilinear" in meta["resize"] and "no crop" in meta["resize"]
     assert meta["architecture"] == name
     assert meta["display_name"] == ARCHITECTURES[name].display_name
-    assert meta["resize"] == imaging.RESIZE_RULE
+    assert json.loads(meta["architecture_spec"]) == ARCHITECTURES[name].to_dict()
     assert float(meta["val_accuracy"]) == pytest.approx(ckpt["val_accuracy"], abs=1e-6)
     assert meta["checkpoint_sha256"] == _sha256(ckpt_path)
     assert meta["torch_version"] == torch.__version__ and meta["onnx_version"] == onnx.__version__
@@ -136,8 +142,8 @@ def test_manifest_matches_the_files(trained_run, exported_models):
         assert entry["size_bytes"] == path.stat().st_size
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         assert entry["class_names"] == json.loads(meta["class_names"])
-        assert entry["input_size"] == json.loads(meta["input_size"])
-        assert entry["mean"] == json.loads(meta["mean"]) and entry["std"] == json.loads(meta["std"])
+        assert entry["preprocessing"] == Preprocessing.from_metadata(meta).to_dict()
+        assert entry["preprocessing"]["input_size"] == json.loads(meta["input_size"])
         assert entry["display_name"] == meta["display_name"]
         assert entry["checkpoint_sha256"] == _sha256(trained_run / entry["name"] / "best.pt")
     for entry in fp32:
@@ -191,14 +197,14 @@ def test_checkpoint_of_another_architecture_is_refused(trained_run, tmp_path):
     run = _copy_run(trained_run, tmp_path / "run", {"plain34": "resnet34"})
     out = tmp_path / "models"
     result = run_python(["-m", "export.run", "--run", str(run), "--out", str(out), "--models", "plain34"])
-    assert result.returncode != 0
+    assert result.returncode == 2  # the user's file: a user mistake
     assert "Traceback" not in result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "holds a resnet34 model, not plain34" in err[0], result.stderr
     assert not out.exists() or not list(out.glob("*.onnx"))
 
 
-@pytest.mark.parametrize("field", ["class_names", "mean", "architecture", "model_state"])
+@pytest.mark.parametrize("field", ["class_names", "preprocessing", "architecture_spec", "model_state"])
 def test_checkpoint_missing_a_field_is_a_clear_error(trained_run, tmp_path, capsys, field):
     from export.run import main
 
@@ -207,7 +213,7 @@ def test_checkpoint_missing_a_field_is_a_clear_error(trained_run, tmp_path, caps
     del ckpt[field]
     torch.save(ckpt, run / "resnet34" / "best.pt")
     out = tmp_path / "models"
-    assert main(["--run", str(run), "--out", str(out)]) == 1
+    assert main(["--run", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"lacks field(s): {field}" in err[0], err
     assert not out.exists() or not list(out.glob("*.onnx"))
@@ -216,6 +222,6 @@ def test_checkpoint_missing_a_field_is_a_clear_error(trained_run, tmp_path, caps
 def test_missing_run_is_a_clear_error(tmp_path, capsys):
     from export.run import main
 
-    assert main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 1
+    assert main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]

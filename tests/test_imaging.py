@@ -9,6 +9,7 @@ from PIL import Image
 
 import imaging
 from imaging import ImageError, load_rgb
+from imaging.preprocessing import Preprocessing
 
 WHITE = (255, 255, 255)
 
@@ -166,13 +167,35 @@ def test_image_error_messages_are_one_line(tmp_path):
         assert "\n" not in str(info.value) and str(info.value)
 
 
-def test_model_pixels_resizes_exactly_with_bilinear():
+def test_preprocessing_pixels_resize_exactly_with_the_named_filter():
     pixels = np.random.default_rng(2).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     img = Image.fromarray(pixels)
-    out = imaging.model_pixels(img, (16, 24))
+    out = Preprocessing(input_size=(16, 24)).pixels(img)
     assert out.shape == (16, 24, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, np.asarray(img.resize((24, 16), Image.Resampling.BILINEAR)))
-    np.testing.assert_array_equal(imaging.model_pixels(img, (30, 50)), pixels)  # right size: as is
+    bicubic = Preprocessing(input_size=(16, 24), interpolation="bicubic").pixels(img)
+    np.testing.assert_array_equal(bicubic, np.asarray(img.resize((24, 16), Image.Resampling.BICUBIC)))
+    np.testing.assert_array_equal(Preprocessing(input_size=(30, 50)).pixels(img), pixels)  # right size: as is
     # Any mode is converted first, the same way load_rgb does it.
     img, _ = CASES["P-transparent"]
-    np.testing.assert_array_equal(imaging.model_pixels(img, (2, 4)), np.asarray(imaging.to_rgb(img)))
+    np.testing.assert_array_equal(Preprocessing(input_size=(2, 4)).pixels(img), np.asarray(imaging.to_rgb(img)))
+
+
+def test_preprocessing_spec_round_trips_in_timm_form():
+    spec = Preprocessing(input_size=(24, 40), interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1))
+    assert spec.to_dict() == {"input_size": [3, 24, 40], "interpolation": "bicubic", "crop_pct": 1.0,
+                              "crop_mode": "squash", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]}
+    assert Preprocessing.from_dict(spec.to_dict()) == spec
+    assert Preprocessing.from_metadata(spec.to_metadata()) == spec
+    # Files exported before the timm keys: input_size [H, W], no interpolation or crop keys.
+    old = {"input_size": "[24, 40]", "mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.5, 1.0]"}
+    assert Preprocessing.from_metadata(old) == Preprocessing(input_size=(24, 40), mean=(0.5,) * 3,
+                                                             std=(0.25, 0.5, 1.0))
+    x = spec(Image.new("RGB", (7, 3), (255, 0, 128)))
+    assert x.shape == (1, 3, 24, 40) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, :, 0, 0], [(1 - 0.5) / 0.25, (0 - 0.5) / 0.5, (128 / 255 - 0.5) / 1], atol=1e-6)
+    for bad in ({"crop_mode": "center"}, {"crop_pct": 0.875}, {"interpolation": "area"}, {"std": (1, 0, 1)}):
+        with pytest.raises(ValueError):
+            Preprocessing(input_size=(8, 8), **bad)
+    with pytest.raises(ValueError, match="RGB"):
+        Preprocessing.from_dict({"input_size": [1, 8, 8]})

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from training.layers import ExpMish, PooledMish, SqueezeExcite
 from training.models import (
-    MODEL_NAMES, SqueezeExcite, count_mult_adds, count_parameters, create_model,
+    ARCHITECTURES, MODEL_NAMES, Architecture, count_mult_adds, count_parameters, create_model,
 )
 
 EXPECTED_PARAMETERS = {"plain34": 21_287_237, "resnet34": 21_287_237, "resnet34_modified": 21_708_101}
@@ -209,3 +210,37 @@ def test_mult_adds_at_224(models):
     se = sum(blocks * channels * channels // 8
              for channels, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)))
     assert count_mult_adds(models["resnet34_modified"], (224, 224)) == resnet + se + 512 * 512
+
+
+def test_registry_specs_round_trip_and_reject_unknown_fields():
+    for arch in ARCHITECTURES.values():
+        assert Architecture.from_dict(arch.to_dict()) == arch
+    with pytest.raises(ValueError, match="unknown architecture field"):
+        Architecture.from_dict({**ARCHITECTURES["resnet34"].to_dict(), "width": 2})
+    with pytest.raises(ValueError, match="unknown activation"):
+        Architecture(display_name="x", activation="gelu")
+
+
+def test_a_spec_builds_what_it_says():
+    narrow = Architecture(display_name="SE-8", squeeze_excite=True, se_reduction=8, head_width=64,
+                          dropout=0.2, negative_slope=0.3, activation="mish")
+    model = create_model(narrow, 3)
+    assert model.layer1[0].se.fc1.out_features == 64 // 8
+    assert [type(m) for m in model.fc] == [nn.Linear, nn.BatchNorm1d, nn.LeakyReLU, nn.Dropout, nn.Linear]
+    assert model.fc[0].out_features == 64 and model.fc[2].negative_slope == 0.3 and model.fc[3].p == 0.2
+    assert isinstance(model.act, nn.Mish)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_export_form_computes_the_same_function_and_leaves_the_model_alone(models, name):
+    model = models[name]
+    fast = model.export_form()
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, SIZE, SIZE) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
+    mish = ARCHITECTURES[name].activation == "mish"
+    assert any(isinstance(m, nn.Mish) for m in model.modules()) == mish  # the original is untouched
+    assert not any(isinstance(m, nn.Mish) for m in fast.modules())
+    assert any(isinstance(m, ExpMish) for m in fast.modules()) == mish
+    assert isinstance(fast.maxpool, PooledMish) == mish

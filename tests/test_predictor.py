@@ -77,14 +77,14 @@ def non_square(tmp_path_factory):
 
 
 def _assert_same_input(predictor, img):
-    size, data = predictor.input_size, _file_bytes(img)
-    expected = EvalTransform()(decode(data, size)).numpy()  # training's path: file -> tensor
+    size, spec, data = predictor.input_size, predictor.preprocessing, _file_bytes(img)
+    expected = EvalTransform(spec)(decode(data, spec)).numpy()  # training's path: file -> tensor
     got = predictor.preprocess(imaging.load_rgb(data))  # serving's: file -> Pillow -> numpy
     assert got.shape == (1, 3, *size) and got.dtype == np.float32
     assert float(np.abs(got[0] - expected).max()) <= 1e-5
     # An in-memory image of any mode goes the same way.
     in_memory = predictor.preprocess(img)
-    assert float(np.abs(in_memory[0] - EvalTransform()(decode(img, size)).numpy()).max()) <= 1e-5
+    assert float(np.abs(in_memory[0] - EvalTransform(spec)(decode(img, spec)).numpy()).max()) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -100,6 +100,20 @@ def test_preprocessing_parity_for_a_non_square_input(non_square, mode):
     assert non_square.input_size == (24, 40)
     for size in ((1, 1), (4000, 300), (40, 24), (24, 40)):
         _assert_same_input(non_square, make_image(mode, *size, seed=7))
+
+
+def test_files_exported_with_the_older_input_size_key_still_load(non_square, tmp_path):
+    # tiny_onnx writes input_size as [H, W] with no interpolation or crop keys, as files did
+    # before the timm-style keys; the new form is [3, H, W] and reads the same.
+    assert non_square.preprocessing.interpolation == "bilinear"
+    current = dict(non_square.metadata, input_size=json.dumps([3, 24, 40]), interpolation="bilinear",
+                   crop_mode="squash", crop_pct="1.0")
+    assert Predictor(tiny_onnx(tmp_path / "new.onnx", metadata=current)).preprocessing == non_square.preprocessing
+    bicubic = Predictor(tiny_onnx(tmp_path / "bicubic.onnx", metadata=dict(current, interpolation="bicubic")))
+    img = make_image("RGB", 300, 170, seed=3)
+    assert not np.array_equal(bicubic.preprocess(img), non_square.preprocess(img))  # the key is used
+    with pytest.raises(ModelFileError, match="crop_mode 'center'"):
+        Predictor(tiny_onnx(tmp_path / "center.onnx", metadata=dict(current, crop_mode="center")))
 
 
 def test_non_square_input_keeps_height_and_width_apart(non_square):
@@ -122,10 +136,11 @@ def test_same_top1_as_pytorch_on_every_validation_image(trained_run, exported_mo
     assert predictor.class_names == ckpt["class_names"]
     splits = json.loads((trained_run / "splits.json").read_text())
     assert splits["val"]
-    size = tuple(ckpt["image_size"])
+    spec = checkpoint.preprocessing_of(ckpt)
+    assert predictor.preprocessing == spec
     paths = [path for path, _ in splits["val"]]
     with torch.no_grad():
-        references = torch.softmax(model(torch.stack([EvalTransform()(decode(p, size)) for p in paths])), 1)
+        references = torch.softmax(model(torch.stack([EvalTransform(spec)(decode(p, spec)) for p in paths])), 1)
     for path, reference in zip(paths, references.numpy()):
         prediction = predictor.predict_file(path)
         assert prediction.top_class == ckpt["class_names"][int(reference.argmax())], path

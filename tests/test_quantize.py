@@ -9,10 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import TINY_SIZE
+from conftest import EASY_MODELS, TINY_SIZE
 from export.onnx_export import INPUT_NAME, METADATA_KEYS
 from export.quantize import MISH_GATE_FITS, QuantizeError, compare, quantize_file
 from export.run import split_images
+from imaging.preprocessing import Preprocessing
 from serve.predictor import Predictor, create_session
 
 QUANTIZED = ("resnet34", "resnet34_modified")  # Plain-34's ops are a subset of ResNet-34's
@@ -44,7 +45,7 @@ def test_manifest_lists_each_int8_file_after_the_fp32_files(int8_export):
         assert entry["size_bytes"] == path.stat().st_size
         # INT8 weights: a quarter of the float32 bytes, plus scales and float layers
         assert entry["size_bytes"] < 0.4 * fp32[entry["name"]]["size_bytes"]
-        for key in ("class_names", "input_size", "mean", "std", "display_name", "checkpoint_sha256"):
+        for key in ("class_names", "preprocessing", "display_name", "checkpoint_sha256"):
             assert entry[key] == fp32[entry["name"]][key]
         assert entry["quantization"] == json.loads((int8_export / f"{entry['name']}.int8.json").read_text())
 
@@ -126,22 +127,49 @@ def test_mish_between_integer_layers_runs_as_lookup_tables(int8_export, tmp_path
 
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_int8_predictions_close_to_fp32(trained_run, int8_export, name):
-    images, labels, _ = split_images(trained_run, "val", (TINY_SIZE, TINY_SIZE), 1000)
+    images, labels, _ = split_images(trained_run, "val", Preprocessing(input_size=(TINY_SIZE, TINY_SIZE)), 1000)
     fp32 = create_session(int8_export / f"{name}.onnx")
     int8 = create_session(int8_export / f"{name}.int8.onnx")
     on_images = compare(fp32, int8, images, labels)
-    # Barely trained models sit near ties, so assert closeness rather than identical answers
-    # (and only on real images: INT8 ranges are calibrated for them, not for noise).
-    assert on_images["top1_agreement"] >= 0.8
     probs32 = fp32.run(None, {INPUT_NAME: images})[1]
     probs8 = int8.run(None, {INPUT_NAME: images})[1]
     assert np.allclose(probs8.sum(1), 1, atol=1e-5)
+    # It is an integer model: its answers carry quantization error (a copy of the FP32 graph
+    # would match to the last bit) ...
+    assert np.abs(probs8 - probs32).max() > 1e-4
+    # ... and a small one. (A one-epoch model sits near ties, where any error flips the top
+    # class: the agreement targets are checked on decisive models below.)
     assert np.abs(probs8 - probs32).mean() < 0.02
     report = json.loads((int8_export / f"{name}.int8.json").read_text())
     assert report["validation"]["images"] == len(images)
     assert report["validation"]["top1_agreement"] == pytest.approx(on_images["top1_agreement"])
     assert report["validation"]["accuracy_drop"] == pytest.approx(
         report["validation"]["fp32_accuracy"] - report["validation"]["int8_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def easy_int8(easy_run, tmp_path_factory):
+    from export.run import main
+
+    out = tmp_path_factory.mktemp("easy-int8") / "models"
+    assert main(["--run", str(easy_run), "--out", str(out), "--quantize", "int8"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", EASY_MODELS)
+def test_int8_meets_the_fidelity_targets_on_decisive_models(easy_run, easy_int8, name):
+    report = json.loads((easy_int8 / f"{name}.int8.json").read_text())
+    val = report["validation"]
+    assert val["images"] == len(json.loads((easy_run / "splits.json").read_text())["val"]) >= 30
+    assert val["fp32_accuracy"] >= 0.9  # a decisive model, so agreement is a fair test
+    assert val["top1_agreement"] >= 0.99 and abs(val["accuracy_drop"]) <= 0.01
+    assert report["meets_targets"]
+    # Recomputed here rather than trusted from the report.
+    images, labels, _ = split_images(easy_run, "val", Preprocessing(input_size=(TINY_SIZE, TINY_SIZE)), 1000)
+    fp32 = create_session(easy_int8 / f"{name}.onnx").run(None, {INPUT_NAME: images})[1]
+    int8 = create_session(easy_int8 / f"{name}.int8.onnx").run(None, {INPUT_NAME: images})[1]
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.99
+    assert 0 < np.abs(fp32 - int8).max() and np.abs(fp32 - int8).mean() < 0.03
 
 
 def test_quantize_needs_calibration_images(int8_export, tmp_path):
@@ -160,7 +188,7 @@ def test_run_without_training_images_fails_cleanly(trained_run, tmp_path, capsys
     splits = json.loads((trained_run / "splits.json").read_text())
     (run / "splits.json").write_text(json.dumps({**splits, "train": []}))
     out = tmp_path / "models"
-    assert main(["--run", str(run), "--out", str(out), "--quantize", "int8"]) == 1
+    assert main(["--run", str(run), "--out", str(out), "--quantize", "int8"]) == 1  # a run-time failure
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "calibrate" in err[0], err
     assert not (out / "resnet34.int8.onnx").exists()

@@ -1,16 +1,27 @@
-"""The README's code for other apps must run as printed."""
+"""The documentation's code for other apps must run as printed, and its links must resolve."""
 import ast
 import re
 import shutil
 
 from conftest import ROOT, run_python
 
+README_MAX_LINES = 210
+LINK = re.compile(r"\]\(([^)\s]+)")  # the target of a markdown link or image: ](target
+FENCED_CODE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def doc_pages():
+    """README.md and every page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
 
 def readme_block(marker: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"<!-- readme-snippet: {marker} [^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert match, f"README has no snippet marked {marker}"
-    return match.group(1)
+    """The code block marked ``<!-- readme-snippet: MARKER ... -->``, wherever it lives."""
+    pattern = re.compile(rf"<!-- readme-snippet: {marker} [^>]*-->\s*```python\n(.*?)```", re.S)
+    found = [(page, m.group(1)) for page in doc_pages() for m in pattern.finditer(page.read_text())]
+    assert len(found) == 1, (f"expected one snippet marked {marker} in README.md and docs/*.md, found "
+                             f"{len(found)}: {[str(page.relative_to(ROOT)) for page, _ in found]}")
+    return found[0][1]
 
 
 def an_example(exported_models):
@@ -46,3 +57,21 @@ def test_api_snippet_gets_one_result_per_model(app_url, exported_models, tmp_pat
     for line in lines:
         confidences = ast.literal_eval(line[line.index("{"):line.rindex("}") + 1])
         assert abs(sum(confidences.values()) - 1) < 1e-4
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move details to docs/"
+
+
+def test_relative_links_point_to_files_that_exist():
+    broken = []
+    for page in doc_pages():
+        prose = FENCED_CODE.sub("", page.read_text())  # code blocks hold no links
+        for target in LINK.findall(prose):
+            if target.startswith(("http://", "https://", "mailto:", "#")):
+                continue
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, "links to missing files: " + ", ".join(broken)

@@ -1,6 +1,7 @@
 """The training loop: fresh augmentation, early stopping, best weights, exact resume, checkpoints,
 configuration and reports."""
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -16,10 +17,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import ROOT, TINY_SIZE, run_python
+from common.files import atomic_write
+from conftest import EASY_MODELS, ROOT, TINY_SIZE, run_python
+from imaging.preprocessing import Preprocessing
 from training import checkpoint, transforms
 from training.checkpoint import CheckpointError, rebuild_model
-from training.config import QUICK_PROFILE, ConfigError, TrainConfig, config_from_args
+from training.config import QUICK_PROFILE, ConfigError, TrainConfig, config_from_args, make_config
 from training.data import SplitImages, TrainingSamples
 from training.engine import EarlyStopping
 from training.models import ARCHITECTURES, MODEL_NAMES, count_parameters
@@ -28,6 +31,7 @@ from training.trainer import AugmentedBatches
 from training.transforms import EvalTransform, TrainAugment, decode
 
 SIZE = (TINY_SIZE, TINY_SIZE)
+SPEC = Preprocessing(input_size=SIZE)
 EXPECTED_PARAMETERS = {"plain34": 21_287_237, "resnet34": 21_287_237, "resnet34_modified": 21_708_101}
 
 
@@ -54,7 +58,7 @@ def test_augmentation_is_fresh_every_epoch(augmented):
     assert first.shape == (3, *SIZE) and first.dtype == torch.float32
     assert not torch.allclose(first, second)
     # ... and it is an augmentation: not the plain validation view of the image.
-    assert not torch.allclose(first, EvalTransform()(split.images[0]))
+    assert not torch.allclose(first, EvalTransform(SPEC)(split.images[0]))
 
 
 def test_augmentation_is_reproducible_per_seed_epoch_index(augmented):
@@ -97,7 +101,7 @@ def test_augmentation_with_neutral_parameters_is_the_validation_view(augmented):
     # Whole image, no flip, no turn, neutral colours, no shift, the smallest blur, no erasing.
     neutral = torch.tensor([[0, 0, h, w, 0, 0, 1, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0.1, 0, 0, 0, 0, 0]] * 6,
                            dtype=torch.float32)
-    expected = torch.stack([EvalTransform()(image) for image in split.images])
+    expected = torch.stack([EvalTransform(SPEC)(image) for image in split.images])
     assert torch.allclose(augment(split.images, neutral), expected, atol=1e-4)
 
 
@@ -180,9 +184,11 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def _train_args(data: Path, out: Path) -> list[str]:
+    # --step-size 1: the learning rate drops after every epoch, so a scheduler that is not
+    # restored on resume trains the resumed epoch at the wrong rate and the runs differ.
     return ["-m", "training.run", "--data", str(data), "--models", RESUME_MODEL,
             "--epochs", str(RESUME_EPOCHS), "--image-size", str(TINY_SIZE), "--batch-size", "8",
-            "--workers", "0", "--out", str(out)]
+            "--step-size", "1", "--workers", "0", "--out", str(out)]
 
 
 def _killed_after_first_checkpoint(args: list[str], last_pt: Path) -> subprocess.CompletedProcess:
@@ -237,6 +243,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(resume_runs):
     b = torch.load(resumed / RESUME_MODEL / "last.pt", weights_only=True)
     assert a["epoch"] == RESUME_EPOCHS and a["finished"] and b["finished"]
     assert _without_seconds(a["history"]) == _without_seconds(b["history"])
+    assert [row["lr"] for row in b["history"]] == pytest.approx([6e-4, 6e-5])  # the schedule went on
+    assert a["scheduler_state"] == b["scheduler_state"]
     assert a["early_stopping"] == b["early_stopping"]
     for index, state in a["optimizer_state"]["state"].items():
         for key, value in state.items():
@@ -259,6 +267,73 @@ def test_resume_refuses_changed_settings(resume_runs):
     from training.run import main
 
     assert main(["--resume", str(full), "--epochs", "9"]) == 2
+
+
+@pytest.fixture(scope="module")
+def spied_run(small_data, tmp_path_factory):
+    """Three epochs with a test split and a learning rate that drops every epoch, recording the
+    augmentation parameters every training batch was drawn with (the real ones, passed on)."""
+    from training.run import main
+
+    drawn: list[torch.Tensor] = []
+    original = TrainAugment.__call__
+
+    def spy(self, images, parameters):
+        drawn.append(parameters.clone())
+        return original(self, images, parameters)
+
+    run_dir = tmp_path_factory.mktemp("spied") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainAugment, "__call__", spy)
+        assert main(["--data", str(small_data), "--models", "resnet34", "--epochs", "3",
+                     "--step-size", "1", "--gamma", "0.5", "--test-fraction", "0.2",
+                     "--image-size", str(TINY_SIZE), "--batch-size", "8", "--workers", "0",
+                     "--out", str(run_dir)]) == 0
+    steps = len(drawn) // 3
+    return run_dir, [torch.cat(drawn[e * steps:(e + 1) * steps]) for e in range(3)]
+
+
+def test_every_epoch_draws_fresh_augmentation_in_a_real_run(spied_run):
+    _, epochs = spied_run
+    images = len(json.loads((spied_run[0] / "splits.json").read_text())["train"])
+    assert all(len(e) == images for e in epochs)
+    # Sorted rows compare the draws whatever order the sampler shuffled the images into: a
+    # trainer that never moved the training set to the next epoch repeats epoch 1's draws.
+    rows = [sorted(map(tuple, e.tolist())) for e in epochs]
+    assert rows[0] != rows[1] and rows[1] != rows[2] and rows[0] != rows[2]
+
+
+def test_the_learning_rate_schedule_steps_every_step_size_epochs(spied_run):
+    run_dir, _ = spied_run
+    last = torch.load(run_dir / "resnet34" / "last.pt", weights_only=True)
+    assert [row["lr"] for row in last["history"]] == pytest.approx([6e-4, 3e-4, 1.5e-4])
+    assert last["optimizer_state"]["param_groups"][0]["lr"] == pytest.approx(7.5e-5)  # after epoch 3
+
+
+def test_a_run_with_a_test_split_reports_test_metrics(spied_run):
+    run_dir, _ = spied_run
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert splits["test"] and not {p for p, _ in splits["test"]} & {p for s in ("train", "val") for p, _ in splits[s]}
+    report = json.loads((run_dir / "resnet34" / "report.json").read_text())
+    best = checkpoint.load(run_dir / "resnet34" / "best.pt")
+    spec = checkpoint.preprocessing_of(best)
+    model = rebuild_model(best)
+    images = torch.stack([EvalTransform(spec)(decode(p, spec)) for p, _ in splits["test"]])
+    labels = torch.tensor([label for _, label in splits["test"]])
+    with torch.no_grad():
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    assert report["test_accuracy"] == pytest.approx(accuracy)
+    assert sum(c["support"] for c in report["test_per_class"].values()) == len(splits["test"])
+    table = (run_dir / "comparison.md").read_text()
+    assert "test acc" in table and f"{report['test_accuracy']:.4f}" in table
+
+
+@pytest.mark.parametrize("name", EASY_MODELS)
+def test_training_learns_easy_data(easy_run, name):
+    report = json.loads((easy_run / name / "report.json").read_text())
+    history = torch.load(easy_run / name / "last.pt", weights_only=True)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert report["val_accuracy"] >= 0.9  # chance is 0.5
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +385,9 @@ def _evaluate_checkpoint(ckpt: dict, run_dir: Path, label_smoothing: float):
     """Validation loss and accuracy of a checkpoint rebuilt on its own, on the run's val split."""
     model = rebuild_model(ckpt)
     splits = json.loads((run_dir / "splits.json").read_text())
-    size = tuple(ckpt["image_size"])
-    transform = EvalTransform(mean=ckpt["mean"], std=ckpt["std"])
-    images = torch.stack([transform(decode(path, size)) for path, _ in splits["val"]])
+    spec = checkpoint.preprocessing_of(ckpt)
+    transform = EvalTransform(spec)
+    images = torch.stack([transform(decode(path, spec)) for path, _ in splits["val"]])
     labels = torch.tensor([label for _, label in splits["val"]])
     with torch.no_grad():
         logits = model(images)
@@ -326,9 +401,13 @@ def test_checkpoints_are_self_describing(trained_run, name):
     splits = json.loads((trained_run / "splits.json").read_text())
     assert ckpt["architecture"] == name
     assert ckpt["class_names"] == splits["class_names"]
-    assert ckpt["image_size"] == [TINY_SIZE, TINY_SIZE]
-    assert ckpt["mean"] == pytest.approx([0.485, 0.456, 0.406])
-    assert ckpt["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert ckpt["format"] == checkpoint.FORMAT_VERSION == 2
+    assert ckpt["architecture_spec"] == ARCHITECTURES[name].to_dict()
+    assert ckpt["preprocessing"] == {"input_size": [3, TINY_SIZE, TINY_SIZE], "interpolation": "bilinear",
+                                     "crop_pct": 1.0, "crop_mode": "squash",
+                                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    # The trainer records the spec it used in the report too.
+    assert json.loads((trained_run / name / "report.json").read_text())["preprocessing"] == ckpt["preprocessing"]
     # The checkpoint alone rebuilds the model that produced the report's numbers.
     report = json.loads((trained_run / name / "report.json").read_text())
     config = json.loads((trained_run / "config.json").read_text())
@@ -362,24 +441,57 @@ def test_checkpoint_load_is_weights_only(tmp_path):
         checkpoint.load(tmp_path / "junk.pt")
 
 
+def test_checkpoint_rebuilds_the_spec_it_stores_not_the_registry(trained_run, monkeypatch):
+    ckpt = checkpoint.load(trained_run / "resnet34_modified" / "best.pt")
+    # The registry changes after training (say, another head width): the checkpoint still
+    # rebuilds the network it was trained as, with its weights.
+    monkeypatch.setitem(ARCHITECTURES, "resnet34_modified",
+                        dataclasses.replace(ARCHITECTURES["resnet34_modified"], head_width=64, dropout=0.1))
+    model = rebuild_model(ckpt)
+    assert model.arch.head_width == 512 and model.fc[0].out_features == 512
+    assert model.arch.dropout == 0.4 and model.fc[3].p == 0.4
+    assert torch.equal(model.state_dict()["fc.0.weight"], ckpt["model_state"]["fc.0.weight"])
+
+
+def test_format_1_checkpoints_still_load_and_unknown_formats_are_refused(trained_run):
+    ckpt = checkpoint.load(trained_run / "resnet34" / "best.pt")
+    v1 = {k: v for k, v in ckpt.items() if k not in ("architecture_spec", "preprocessing")}
+    v1.update(format=1, image_size=[TINY_SIZE, TINY_SIZE], mean=[0.5] * 3, std=[0.25] * 3)
+    assert checkpoint.preprocessing_of(v1) == Preprocessing(input_size=SIZE, mean=(0.5,) * 3, std=(0.25,) * 3)
+    old, new = rebuild_model(v1), rebuild_model(ckpt)
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(old(x), new(x))
+    with pytest.raises(CheckpointError, match="format 3 is not one this version reads") as info:
+        rebuild_model({**ckpt, "format": 3})
+    assert "\n" not in str(info.value)
+
+
 def test_rebuild_model_errors(trained_run):
     ckpt = checkpoint.load(trained_run / "resnet34" / "best.pt")
-    with pytest.raises(CheckpointError, match="lacks field.*mean"):
-        rebuild_model({k: v for k, v in ckpt.items() if k != "mean"})
+    with pytest.raises(CheckpointError, match="lacks field.*preprocessing"):
+        rebuild_model({k: v for k, v in ckpt.items() if k != "preprocessing"})
     with pytest.raises(CheckpointError, match="resnet34 model, not plain34"):
         rebuild_model(ckpt, expected_architecture="plain34")
-    with pytest.raises(CheckpointError, match="unknown architecture 'vgg16'"):
-        rebuild_model({**ckpt, "architecture": "vgg16"})
-    with pytest.raises(CheckpointError, match="do not fit the resnet34_modified architecture"):
-        rebuild_model({**ckpt, "architecture": "resnet34_modified"})
+    with pytest.raises(CheckpointError, match="unusable architecture spec.*activation 'gelu'"):
+        rebuild_model({**ckpt, "architecture_spec": {**ckpt["architecture_spec"], "activation": "gelu"}})
+    with pytest.raises(CheckpointError, match="do not fit the resnet34 architecture"):
+        rebuild_model({**ckpt, "architecture_spec": ARCHITECTURES["resnet34_modified"].to_dict()})
     with pytest.raises(CheckpointError, match="do not fit"):  # 5 classes of weights, 3 names
         rebuild_model({**ckpt, "class_names": ckpt["class_names"][:3]})
 
 
 def test_atomic_save_leaves_no_temporary_files(tmp_path):
     path = tmp_path / "ckpt.pt"
-    checkpoint.save_atomic({"a": torch.ones(2)}, path)
-    checkpoint.save_atomic({"a": torch.zeros(2)}, path)
+    checkpoint.save({"a": torch.ones(2)}, path)
+    checkpoint.save({"a": torch.zeros(2)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert torch.equal(checkpoint.load(path)["a"], torch.zeros(2))
+    # A write that fails half-way keeps the old file whole and leaves no temporary behind.
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert torch.equal(checkpoint.load(path)["a"], torch.zeros(2))
 
@@ -388,6 +500,28 @@ def test_atomic_save_leaves_no_temporary_files(tmp_path):
 
 def _config(argv):
     return config_from_args(argv)[0]
+
+
+def test_config_is_frozen_after_validation():
+    c = make_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.epochs = 3
+    with pytest.raises(ConfigError, match="--freeze-epochs needs --init-weights"):
+        make_config({"freeze_epochs": 2})
+    with pytest.raises(ConfigError, match="epochs must be at least 1"):
+        dataclasses.replace(c, epochs=0)  # every way of making one is checked
+
+
+def test_help_shows_the_defaults_that_apply(capsys):
+    with pytest.raises(SystemExit):
+        config_from_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, value in QUICK_PROFILE.items():
+        default = getattr(TrainConfig(), name)
+        flag = "--" + name.replace("_", "-")
+        assert f"default: {default}; quick profile (no --data): {value}" in text, flag
+    lr_help = text.split("--lr LR")[-1].split("--weight-decay")[0]  # the option, not the usage line
+    assert "default: 0.0006" in lr_help and "quick profile" not in lr_help  # the profile keeps lr
 
 
 def test_defaults_are_the_recipe():

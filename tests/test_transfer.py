@@ -17,6 +17,7 @@ from training.config import TrainConfig
 from training.engine import Precision, train_one_epoch
 from training.distributed import World
 from training.models import MODEL_NAMES, create_model
+from training.recipe import build_optimization
 from training.transfer import BackboneFreezer, load_init_weights, pretrained_parameter_names
 
 
@@ -98,9 +99,8 @@ def test_freeze_trains_only_new_layers_then_everything(name, torchvision_weights
     new = set(params) - pretrained
     assert new == {n for n in params if n.startswith("fc.") or ".se." in n}
 
-    config = TrainConfig()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    recipe = build_optimization(model, TrainConfig())  # the trainer's optimizer and loss
+    optimizer, criterion = recipe.optimizer, recipe.criterion
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, TINY_SIZE, TINY_SIZE, generator=generator),
                 torch.randint(0, 5, (8,), generator=generator)) for _ in range(2)]

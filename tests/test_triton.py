@@ -57,7 +57,7 @@ def check_model_folder(folder: Path, source_onnx: Path) -> None:
             assert list(tensor.dims) == [d.dim_value for d in rest]
 
     image = config.input[0]
-    assert list(image.dims) == [3, *json.loads(meta["input_size"])]
+    assert list(image.dims) == json.loads(meta["input_size"])  # [3, H, W]
     by_name = {t.name: t for t in config.output}
     assert list(by_name["probabilities"].dims) == [len(class_names)]
     labels_file = folder / by_name["probabilities"].label_filename
@@ -109,7 +109,7 @@ def test_rejects_model_without_metadata(tmp_path, capsys):
                                    "g", [x], [y])
     onnx.save(onnx.helper.make_model(graph), str(models / "bare.onnx"))
     (models / "manifest.json").write_text(json.dumps({"models": [{"name": "bare", "file": "bare.onnx"}]}))
-    assert triton.main(["--models", str(models), "--out", str(tmp_path / "repo")]) == 1
+    assert triton.main(["--models", str(models), "--out", str(tmp_path / "repo")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "class_names" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "repo" / "bare").exists()

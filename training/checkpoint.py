@@ -1,32 +1,37 @@
 """Self-describing checkpoints, written atomically and loaded with ``weights_only=True``.
 
-``best.pt`` holds the model and everything needed to rebuild and feed it (architecture, class
-names, input size, mean, std); ``last.pt`` adds the optimizer, scheduler, RNG states and
-history needed to continue a stopped run exactly.
+``best.pt`` holds the weights and everything needed to rebuild and feed them: the registry
+name, the architecture spec itself, the class names and the preprocessing spec; ``last.pt``
+adds the optimizer, scheduler, RNG states and history needed to continue a stopped run exactly.
+
+Format versions: 2 stores the architecture and preprocessing specs; 1 (older files) stored the
+registry name, image size, mean and std, and still loads.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from training.models import ARCHITECTURES, create_model
+from common.errors import UserError
+from common.files import atomic_write
+from imaging.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from training.models import ARCHITECTURES, Architecture, create_model
 
-FORMAT_VERSION = 1
-MODEL_FIELDS = ("architecture", "class_names", "image_size", "mean", "std", "model_state")
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+MODEL_FIELDS = {1: ("architecture", "class_names", "image_size", "mean", "std", "model_state"),
+                2: ("architecture", "architecture_spec", "class_names", "preprocessing", "model_state")}
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 
-def save_atomic(obj: dict, path: Path) -> None:
+def save(obj: dict, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load(path: Path) -> dict:
@@ -41,37 +46,65 @@ def load(path: Path) -> dict:
     return ckpt
 
 
-def model_record(architecture: str, model: torch.nn.Module, class_names: list[str],
-                 image_size: tuple[int, int], mean, std) -> dict:
-    """The self-describing part every checkpoint carries."""
+def model_record(name: str, model: torch.nn.Module, class_names: list[str],
+                 preprocessing: Preprocessing) -> dict:
+    """The self-describing part every checkpoint carries (``model.arch`` is its spec)."""
     return {
         "format": FORMAT_VERSION,
-        "architecture": architecture,
+        "architecture": name,
+        "architecture_spec": model.arch.to_dict(),
         "class_names": list(class_names),
-        "image_size": list(image_size),
-        "mean": list(mean),
-        "std": list(std),
+        "preprocessing": preprocessing.to_dict(),
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
 
-def rebuild_model(ckpt: dict, expected_architecture: str | None = None) -> torch.nn.Module:
-    """Recreate the model (in eval mode) from a checkpoint alone."""
-    missing = [f for f in MODEL_FIELDS if f not in ckpt]
+def _check_format(ckpt: dict) -> int:
+    version = ckpt.get("format", 1)
+    if version not in READABLE_FORMATS:
+        raise CheckpointError(f"checkpoint format {version!r} is not one this version reads "
+                              f"({', '.join(map(str, READABLE_FORMATS))}); update the project")
+    missing = [f for f in MODEL_FIELDS[version] if f not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint lacks field(s): {', '.join(missing)}")
-    arch = ckpt["architecture"]
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"checkpoint names an unknown architecture {arch!r}")
-    if expected_architecture and arch != expected_architecture:
-        raise CheckpointError(
-            f"checkpoint holds a {arch} model, not {expected_architecture}"
-        )
+    return version
+
+
+def architecture_of(ckpt: dict) -> Architecture:
+    """The spec the checkpoint was trained as (format 1: the registry's entry of its name)."""
+    if _check_format(ckpt) == 1:
+        if ckpt["architecture"] not in ARCHITECTURES:
+            raise CheckpointError(f"checkpoint names an unknown architecture {ckpt['architecture']!r}")
+        return ARCHITECTURES[ckpt["architecture"]]
+    try:
+        return Architecture.from_dict(ckpt["architecture_spec"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint has an unusable architecture spec: {exc}") from None
+
+
+def preprocessing_of(ckpt: dict) -> Preprocessing:
+    """The evaluation preprocessing the checkpoint's model was validated with."""
+    try:
+        if _check_format(ckpt) == 1:
+            return Preprocessing(input_size=tuple(ckpt["image_size"]),
+                                 mean=tuple(ckpt.get("mean", IMAGENET_MEAN)),
+                                 std=tuple(ckpt.get("std", IMAGENET_STD)))
+        return Preprocessing.from_dict(ckpt["preprocessing"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint has an unusable preprocessing spec: {exc}") from None
+
+
+def rebuild_model(ckpt: dict, expected_architecture: str | None = None) -> torch.nn.Module:
+    """Recreate the model (in eval mode) from a checkpoint alone."""
+    arch = architecture_of(ckpt)
+    name = ckpt["architecture"]
+    if expected_architecture and name != expected_architecture:
+        raise CheckpointError(f"checkpoint holds a {name} model, not {expected_architecture}")
     model = create_model(arch, len(ckpt["class_names"]))
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"weights do not fit the {arch} architecture: {str(exc).splitlines()[0]}"
+            f"weights do not fit the {name} architecture: {str(exc).splitlines()[0]}"
         ) from None
     return model.eval()

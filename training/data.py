@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 import imaging
+from common.errors import UserError
+from imaging.preprocessing import Preprocessing
 
 SPLITS = ("train", "val", "test")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the user's data, reported as one line without a traceback."""
 
 
@@ -137,23 +139,24 @@ def _check_classes(index: DatasetIndex, where: Path) -> None:
         raise DataError(f"only one class ({only}) in '{where}'; a classifier needs at least two")
 
 
-def _decode_one(args: tuple[str, tuple[int, int]]) -> np.ndarray | str:
-    path, size = args
+def _decode_one(args: tuple[str, Preprocessing]) -> np.ndarray | str:
+    path, preprocessing = args
     try:  # numpy only: this runs in forked processes, where torch's thread pools are unsafe
-        return imaging.model_pixels(imaging.load_rgb(path), size).transpose(2, 0, 1)
+        return preprocessing.pixels(imaging.load_rgb(path)).transpose(2, 0, 1)
     except imaging.ImageError as exc:
         return str(exc)
     except OSError as exc:  # e.g. permission denied
         return f"cannot read file ({exc.strerror or exc})"
 
 
-def decode_all(samples: list[Sample], size: tuple[int, int], processes: int | None = None):
-    """Decode and resize every file once, in parallel.
+def decode_all(samples: list[Sample], preprocessing: Preprocessing, processes: int | None = None):
+    """Decode and resize every file once, in parallel, as ``preprocessing`` says.
 
     Returns (images as an N x 3 x H x W uint8 tensor, the samples that decoded, bad-file records).
     """
     processes = processes or os.cpu_count() or 1
-    jobs = [(s.path, size) for s in samples]
+    size = preprocessing.input_size
+    jobs = [(s.path, preprocessing) for s in samples]
     if processes > 1 and len(jobs) > 64:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method)) as pool:
@@ -212,13 +215,13 @@ class PreparedData:
     total_files: int
 
 
-def prepare_data(index: DatasetIndex, size: tuple[int, int], val_fraction: float,
+def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction: float,
                  test_fraction: float, seed: int, processes: int | None = None) -> PreparedData:
     """Decode every file once, drop and report bad ones, then split (unless split already)."""
     bad = list(index.bad_files)
     decoded = {}
     for name, samples in index.splits.items():
-        images, good, split_bad = decode_all(samples, size, processes)
+        images, good, split_bad = decode_all(samples, preprocessing, processes)
         bad += split_bad
         decoded[name] = (images, good)
     total = sum(len(s) for s in index.splits.values()) + len(index.bad_files)

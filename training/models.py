@@ -1,108 +1,90 @@
-"""The three ResNet-34 variants: one network class, one block with three switches.
+"""The three ResNet-34 variants: one network class, built from an architecture spec.
 
 - ``plain34``: ResNet-34 with every skip connection removed (He et al., 2016, "plain" baseline);
 - ``resnet34``: the standard BasicBlock ResNet-34;
-- ``resnet34_modified``: ResNet-34 with Squeeze-and-Excitation (Hu et al., 2018) in every block,
-  Mish activations (Misra, 2019) and a Linear-BatchNorm-LeakyReLU-Dropout-Linear head.
+- ``resnet34_modified``: ResNet-34 with Squeeze-and-Excitation in every block, Mish
+  activations and a Linear-BatchNorm-LeakyReLU-Dropout-Linear head.
 
 Module names follow torchvision's ResNet (conv1, bn1, layer1..4, downsample, fc), so a
-torchvision state dict maps onto these models by name.
+torchvision state dict maps onto these models by name. The blocks are in ``training.layers``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import copy
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
+
+from training.layers import ACTIVATIONS, BasicBlock, PooledMish, make_activation, mlp_head, swap_mish
 
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (channels, blocks, first stride)
 
 
 @dataclass(frozen=True)
 class Architecture:
+    """Everything that tells the variants apart. Checkpoints store it, so a model rebuilds as
+    it was trained even if the registry below changes later."""
+
     display_name: str
-    residual: bool  # add the shortcut to the block output
-    squeeze_excite: bool
-    act_layer: Callable[[], nn.Module]
-    mlp_head: bool  # Linear-BN-LeakyReLU-Dropout-Linear instead of one Linear
+    residual: bool = True  # add the shortcut to each block's output
+    squeeze_excite: bool = False
+    se_reduction: int = 16  # SE bottleneck: channels // se_reduction units
+    activation: str = "relu"  # a name in training.layers.ACTIVATIONS
+    head_width: int | None = None  # None: one Linear; else Linear(512, w)-BN-LeakyReLU-Dropout-Linear
+    dropout: float = 0.0  # in the wide head, before its last Linear
+    negative_slope: float = 0.1  # of the wide head's LeakyReLU
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        if self.se_reduction < 1 or (self.head_width is not None and self.head_width < 1):
+            raise ValueError("se_reduction and head_width must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Architecture":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown architecture field(s): {', '.join(unknown)}")
+        return cls(**values)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "plain34": Architecture("Plain-34", False, False, nn.ReLU, False),
-    "resnet34": Architecture("ResNet-34", True, False, nn.ReLU, False),
-    "resnet34_modified": Architecture("ResNet-34-Modified", True, True, nn.Mish, True),
+    "plain34": Architecture(display_name="Plain-34", residual=False),
+    "resnet34": Architecture(display_name="ResNet-34"),
+    "resnet34_modified": Architecture(
+        display_name="ResNet-34-Modified", squeeze_excite=True, se_reduction=16,
+        activation="mish", head_width=512, dropout=0.4, negative_slope=0.1),
 }
 MODEL_NAMES = tuple(ARCHITECTURES)
-
-
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-Excitation: rescale channels by a gate computed from their global average."""
-
-    def __init__(self, channels: int, reduction: int = 16):
-        super().__init__()
-        self.fc1 = nn.Linear(channels, channels // reduction, bias=False)
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(channels // reduction, channels, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.fc2(self.act(self.fc1(x.mean(dim=(2, 3))))))
-        return x * gate[:, :, None, None]
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions; optionally SE before the (optional) shortcut addition."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int, arch: Architecture):
-        super().__init__()
-        self.residual = arch.residual
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.act1 = arch.act_layer()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.se = SqueezeExcite(out_ch) if arch.squeeze_excite else nn.Identity()
-        self.act2 = arch.act_layer()
-        self.downsample = None
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
-            )
-            if not self.residual:
-                # Plain-34 keeps the projection so its parameter count equals ResNet-34's, but
-                # never uses it; frozen, so optimizers and DDP don't expect gradients for it.
-                self.downsample.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.se(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
-        if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.act2(out)
 
 
 class ResNet34Variant(nn.Module):
     def __init__(self, arch: Architecture, num_classes: int):
         super().__init__()
+        self.arch = arch
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.act = arch.act_layer()
+        self.act = make_activation(arch.activation)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_ch = 64
+        se_reduction = arch.se_reduction if arch.squeeze_excite else None
         for index, (channels, blocks, stride) in enumerate(STAGES, start=1):
             layer = []
             for b in range(blocks):
-                layer.append(BasicBlock(in_ch, channels, stride if b == 0 else 1, arch))
+                layer.append(BasicBlock(in_ch, channels, stride if b == 0 else 1, residual=arch.residual,
+                                        activation=arch.activation, se_reduction=se_reduction))
                 in_ch = channels
             self.add_module(f"layer{index}", nn.Sequential(*layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        if arch.mlp_head:
-            self.fc = nn.Sequential(
-                nn.Linear(in_ch, 512),
-                nn.BatchNorm1d(512),
-                nn.LeakyReLU(0.1),
-                nn.Dropout(0.4),
-                nn.Linear(512, num_classes),
-            )
+        if arch.head_width:
+            self.fc = mlp_head(in_ch, arch.head_width, num_classes, dropout=arch.dropout,
+                               negative_slope=arch.negative_slope)
         else:
             self.fc = nn.Linear(in_ch, num_classes)
         self._init_weights()
@@ -127,13 +109,25 @@ class ResNet34Variant(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+    def export_form(self) -> "ResNet34Variant":
+        """An eval-mode copy computing the same function with the operators it is exported in:
+        Mish as ExpMish, and the stem's max-pool-of-Mish as PooledMish."""
+        model = copy.deepcopy(self).eval()
+        if model.arch.activation == "mish":
+            model.maxpool, model.act = PooledMish(model.maxpool), nn.Identity()
+            swap_mish(model)
+        return model
 
-def create_model(name: str, num_classes: int) -> ResNet34Variant:
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+
+def create_model(arch: str | Architecture, num_classes: int) -> ResNet34Variant:
+    """A fresh model from a registry name or an architecture spec."""
+    if isinstance(arch, str):
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown model {arch!r}; choose from {', '.join(MODEL_NAMES)}")
+        arch = ARCHITECTURES[arch]
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    return ResNet34Variant(ARCHITECTURES[name], num_classes)
+    return ResNet34Variant(arch, num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

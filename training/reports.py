@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
+import io
 from pathlib import Path
 
 import matplotlib
@@ -12,24 +11,24 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.files import atomic_write, write_text  # noqa: E402
+
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_text_atomic(Path(path), json.dumps(obj, indent=2) + "\n")
-
-
 def write_history(path: Path, history: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=HISTORY_COLUMNS)
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in history)
+    write_text(path, text.getvalue())
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically, then closed."""
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def plot_curves(path: Path, history: list[dict], title: str, best_epoch: int) -> None:
@@ -45,8 +44,7 @@ def plot_curves(path: Path, history: list[dict], title: str, best_epoch: int) ->
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
@@ -81,8 +79,7 @@ def plot_confusion(path: Path, matrix: np.ndarray, class_names: list[str], title
                 color="white" if value > threshold else "black")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fmt(value, digits=4) -> str:
@@ -119,4 +116,4 @@ def write_comparison(path: Path, reports: list[dict], run_info: dict) -> None:
               "|---|" + "---:|" * len(reports)]
     for name in reports[0]["per_class"]:
         lines.append(f"| {name} | " + " | ".join(_fmt(r["per_class"][name]["f1"], 3) for r in reports) + " |")
-    write_text_atomic(Path(path), "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")

@@ -5,18 +5,20 @@ With no arguments: the built-in dataset, quick profile (see training/config.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from common.errors import run_cli
+from common.files import write_json
 from training import distributed, reports, transfer
-from training.checkpoint import CheckpointError
-from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config
-from training.data import DataError, index_csv, index_image_folder, prepare_data
+from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config, to_dict
+from training.data import index_csv, index_image_folder, prepare_data
 from training.synthetic import ensure_builtin_dataset
-from training.trainer import train_model
+from training.trainer import preprocessing_for, train_model
 
 RUNS_DIR = Path("runs")
 
@@ -54,24 +56,19 @@ def resolve_run(config: TrainConfig, resume: str | None, given: set[str]) -> tup
     if not saved.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
     resumed = make_config(json.loads(saved.read_text()))
-    for name in given & RESUME_FLAGS:
-        setattr(resumed, name, getattr(config, name))
-    return resumed, run_dir
+    return dataclasses.replace(resumed, **{n: getattr(config, n) for n in given & RESUME_FLAGS}), run_dir
 
 
 def load_dataset(config: TrainConfig, world: distributed.World):
-    if config.data:
-        root = Path(config.data)
-    else:
+    root = Path(config.data)
+    if config.builtin_data:  # generated on first use, by one process
         if world.is_main:
-            ensure_builtin_dataset()
+            ensure_builtin_dataset(root)
         distributed.barrier(world)
-        root = ensure_builtin_dataset()
-        config.data = str(root)
     index = index_csv(Path(config.labels_csv), root) if config.labels_csv else index_image_folder(root)
-    size = (config.image_size, config.image_size)
     processes = max(1, (os.cpu_count() or 1) // distributed.local_size())  # every rank decodes
-    return prepare_data(index, size, config.val_fraction, config.test_fraction, config.seed, processes)
+    return prepare_data(index, preprocessing_for(config), config.val_fraction, config.test_fraction,
+                        config.seed, processes)
 
 
 def describe(data, run_dir: Path) -> str:
@@ -84,23 +81,25 @@ def describe(data, run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: train(argv), interrupted="interrupted; continue with --resume")
+
+
+def train(argv: list[str] | None = None) -> int:
     world = distributed.World()
     try:
         config, resume, given = config_from_args(argv)
         config, run_dir = resolve_run(config, resume, given)
         world, device = distributed.init(config.device)
         run_dir = Path(distributed.broadcast(str(run_dir), world))
-        if config.freeze_epochs and not config.init_weights:
-            raise ConfigError("--freeze-epochs needs --init-weights (a backbone to keep frozen)")
         data = load_dataset(config, world)
         fresh = [n for n in config.models if not (run_dir / n / "last.pt").exists()]
         if config.init_weights and fresh:  # refuse a wrong file before a run folder is made
             transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            reports.write_json(run_dir / "config.json", vars(config))
-            reports.write_json(run_dir / "bad_files.json", data.bad_files)
-            reports.write_json(run_dir / "splits.json", {
+            write_json(run_dir / "config.json", to_dict(config))
+            write_json(run_dir / "bad_files.json", data.bad_files)
+            write_json(run_dir / "splits.json", {
                 "class_names": data.class_names,
                 **{name: [[p, int(label)] for p, label in zip(split.paths, split.labels.tolist())]
                    for name, split in data.splits.items()},
@@ -119,12 +118,6 @@ def main(argv: list[str] | None = None) -> int:
             })
             print("\n" + (run_dir / "comparison.md").read_text(), flush=True)
         return 0
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; continue with --resume", file=sys.stderr)
-        return 130
     finally:
         distributed.shutdown(world)
 

@@ -1,8 +1,14 @@
-"""Train one model: the epoch loop with checkpoints, resume, early stopping and its reports."""
+"""Train one model: set up, resume, then per epoch train, evaluate, save, report.
+
+``train_model`` reads top to bottom; each step is a function below it, acting on one
+``ModelRun`` that holds everything a model's training needs.
+"""
 from __future__ import annotations
 
+import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,13 +16,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common.errors import Failure
+from common.files import write_json
+from imaging.preprocessing import Preprocessing
 from training import checkpoint, distributed, reports, transfer
-from training.config import TrainConfig
+from training.config import TrainConfig, to_dict
 from training.data import PreparedData, TrainingSamples
 from training.distributed import World
 from training.engine import EarlyStopping, Precision, evaluate, train_one_epoch
-from training.models import ARCHITECTURES, count_mult_adds, count_parameters, create_model
-from training.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainAugment
+from training.models import count_mult_adds, count_parameters, create_model
+from training.recipe import Optimization, build_optimization
+from training.transforms import EvalTransform, TrainAugment
 
 
 def default_workers() -> int:
@@ -25,6 +35,11 @@ def default_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores //= distributed.local_size()
     return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def preprocessing_for(config: TrainConfig) -> Preprocessing:
+    """The evaluation preprocessing a run trains for (recorded in every checkpoint)."""
+    return Preprocessing(input_size=(config.image_size, config.image_size))
 
 
 class AugmentedBatches:
@@ -44,8 +59,8 @@ class AugmentedBatches:
 def train_loader(data: PreparedData, config: TrainConfig, world: World, device: torch.device):
     """The training set, its sampler and the augmented batches of one epoch of it
     (benchmarks/train.py times this very loader)."""
-    size = (config.image_size, config.image_size)
-    augment = TrainAugment(size=size)
+    spec = preprocessing_for(config)
+    augment = TrainAugment(size=spec.input_size, mean=spec.mean, std=spec.std)
     train_set = TrainingSamples(data.splits["train"], augment, config.seed)
     sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank,
                                  shuffle=True, seed=config.seed)
@@ -57,6 +72,210 @@ def train_loader(data: PreparedData, config: TrainConfig, world: World, device: 
         drop_last=len(sampler) % config.batch_size == 1, pin_memory=device.type == "cuda",
     )
     return train_set, sampler, AugmentedBatches(loader, augment, device)
+
+
+@dataclass
+class ModelRun:
+    """One architecture's training: its settings, model, recipe, data and progress."""
+
+    name: str
+    config: TrainConfig
+    data: PreparedData
+    folder: Path
+    world: World
+    device: torch.device
+    model: nn.Module
+    optimization: Optimization
+    preprocessing: Preprocessing
+    precision: Precision
+    stopper: EarlyStopping
+    freezer: transfer.BackboneFreezer
+    train_set: TrainingSamples
+    sampler: DistributedSampler
+    batches: AugmentedBatches
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 1
+    finished: bool = False
+    trained: nn.Module | None = None  # the model as it trains (DDP-wrapped with several processes)
+
+    @property
+    def display(self) -> str:
+        return self.model.arch.display_name
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.pt"
+
+
+def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
+                world: World, device: torch.device) -> dict:
+    """Train (or continue training) one architecture; returns its report."""
+    run = set_up(name, config, data, model_dir, world, device)
+    resume(run)
+    for epoch in range(run.start_epoch, config.epochs + 1):
+        if run.finished:
+            break
+        started = time.perf_counter()
+        train_loss, train_acc, lr = train_epoch(run, epoch)
+        val = evaluate(run.model, data.splits["val"], run.optimization.criterion,
+                       EvalTransform(run.preprocessing), run.precision, device, world)
+        improved = run.stopper.step(val.loss)
+        run.history.append({
+            "epoch": epoch, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
+            "val_loss": val.loss, "val_accuracy": val.accuracy,
+            "seconds": time.perf_counter() - started,
+        })
+        run.finished = run.stopper.should_stop or epoch == config.epochs
+        save(run, epoch, improved, val)
+        log_epoch(run, improved)
+        if math.isnan(val.loss):
+            raise Failure(f"{run.display}: validation loss is NaN; training diverged (try a lower --lr)")
+    distributed.barrier(world)
+    return final_report(run)
+
+
+def set_up(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
+           world: World, device: torch.device) -> ModelRun:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = create_model(name, len(data.class_names))  # the same initial weights on every rank
+    if world.rank:
+        torch.manual_seed(config.seed + world.rank)  # but each rank its own dropout masks
+    if config.init_weights and not (model_dir / "last.pt").exists():
+        transfer.load_init_weights(model, config.init_weights, verbose=world.is_main)
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    train_set, sampler, batches = train_loader(data, config, world, device)
+    return ModelRun(
+        name, config, data, model_dir, world, device, model,
+        optimization=build_optimization(model, config), preprocessing=preprocessing_for(config),
+        precision=Precision(device), stopper=EarlyStopping(config.patience, config.min_delta),
+        freezer=transfer.BackboneFreezer(model, config.freeze_epochs),
+        train_set=train_set, sampler=sampler, batches=batches,
+    )
+
+
+def resume(run: ModelRun) -> None:
+    """Continue from last.pt when it exists: weights, recipe, early stopping, history, RNG."""
+    if not run.last_path.exists():
+        return
+    state = checkpoint.load(run.last_path)
+    if state.get("class_names") != run.data.class_names:
+        raise checkpoint.CheckpointError(f"'{run.last_path}' was trained on other classes")
+    run.model.load_state_dict(state["model_state"])
+    run.optimization.load_state_dict(state)
+    run.stopper.load_state_dict(state["early_stopping"])
+    run.history, run.finished = state["history"], state["finished"]
+    exact = _set_rng_state(state["rng"], run.world, run.device)
+    run.start_epoch = state["epoch"] + 1
+    if run.world.is_main:
+        print(f"{run.display}: resuming after epoch {state['epoch']}"
+              + (" (already finished)" if run.finished else "")
+              + ("" if exact or run.finished else
+                 f" with {run.world.size} process(es), not as before: random draws differ "
+                 "from an uninterrupted run"), flush=True)
+
+
+def train_epoch(run: ModelRun, epoch: int) -> tuple[float, float, float]:
+    """One epoch of training with this epoch's augmentation and learning rate, then the
+    schedule's step: (train loss, train accuracy, the learning rate it trained with)."""
+    # DDP registers the parameters that need gradients when it wraps: wrap again when
+    # freezing changes them.
+    if run.freezer.apply(epoch) or run.trained is None:
+        run.trained = None
+        run.trained = _wrap(run.model, run.world, run.device)
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)  # fresh augmentation every epoch
+    lr = run.optimization.optimizer.param_groups[0]["lr"]
+    loss, accuracy = train_one_epoch(
+        run.trained, run.batches, run.optimization.criterion, run.optimization.optimizer,
+        run.precision, run.device, run.world, desc=f"{run.display} {epoch}/{run.config.epochs}",
+    )
+    run.optimization.scheduler.step()
+    distributed.broadcast_buffers(run.model, run.world)
+    return loss, accuracy, lr
+
+
+def save(run: ModelRun, epoch: int, improved: bool, val) -> None:
+    """best.pt when validation loss improved; last.pt (with everything to resume) always."""
+    rng = distributed.all_gather_objects(_rng_state(run.device), run.world)
+    if not run.world.is_main:
+        return
+    record = checkpoint.model_record(run.name, run.model, run.data.class_names, run.preprocessing)
+    if improved:
+        checkpoint.save({**record, "epoch": epoch, "val_loss": val.loss,
+                         "val_accuracy": val.accuracy}, run.best_path)
+    checkpoint.save({
+        **record, "epoch": epoch, "finished": run.finished, "history": run.history,
+        **run.optimization.state_dict(), "early_stopping": run.stopper.state_dict(), "rng": rng,
+        "config": {k: v for k, v in to_dict(run.config).items() if v is not None},
+    }, run.last_path)
+
+
+def log_epoch(run: ModelRun, improved: bool) -> None:
+    if not run.world.is_main:
+        return
+    row = run.history[-1]
+    print(f"{run.display:>18} epoch {row['epoch']:>2}/{run.config.epochs}  lr {row['lr']:.1e}  "
+          f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+          f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
+          f"{row['seconds']:.1f}s{'  *' if improved else ''}", flush=True)
+    if run.stopper.should_stop:
+        print(f"{run.display}: stopping early, {run.stopper.bad_epochs} epochs without improvement",
+              flush=True)
+
+
+def final_report(run: ModelRun) -> dict:
+    """Evaluate the best weights on val (and test) and write the model's report files."""
+    if not run.best_path.exists():
+        raise Failure(f"{run.display}: no best checkpoint in {run.folder} (with several machines, "
+                           "the run folder must be on storage they all share)")
+    best = checkpoint.load(run.best_path)
+    run.model.load_state_dict(best["model_state"])
+    best_row = next(row for row in run.history if row["epoch"] == best["epoch"])
+    report = {
+        "architecture": run.name,
+        "display_name": run.display,
+        "architecture_spec": run.model.arch.to_dict(),
+        "preprocessing": run.preprocessing.to_dict(),
+        "best_epoch": best["epoch"],
+        "epochs_run": len(run.history),
+        "train_loss": best_row["train_loss"],
+        "train_accuracy": best_row["train_accuracy"],
+    }
+    transform = EvalTransform(run.preprocessing)
+    for split in ("val", "test"):
+        if split not in run.data.splits:
+            continue
+        result = evaluate(run.model, run.data.splits[split], run.optimization.criterion, transform,
+                          run.precision, run.device, run.world)
+        matrix = reports.confusion_matrix(result.labels, result.predictions, len(run.data.class_names))
+        report[f"{split}_loss"], report[f"{split}_accuracy"] = result.loss, result.accuracy
+        report["per_class" if split == "val" else "test_per_class"] = reports.per_class_metrics(
+            matrix, run.data.class_names)
+        if split == "val":
+            val_matrix = matrix
+    report.update({
+        "parameters": count_parameters(run.model),
+        "mult_adds": count_mult_adds(run.model, run.preprocessing.input_size),
+        "image_size": list(run.preprocessing.input_size),
+        "class_names": run.data.class_names,
+        "seconds": sum(row["seconds"] for row in run.history),
+        "stopped_early": run.history[-1]["epoch"] < run.config.epochs,
+    })
+    if run.world.is_main:
+        folder = run.folder
+        reports.write_history(folder / "history.csv", run.history)
+        reports.plot_curves(folder / "curves.png", run.history, run.display, report["best_epoch"])
+        reports.plot_confusion(folder / "confusion.png", val_matrix, run.data.class_names,
+                               f"{run.display}: validation, best epoch {report['best_epoch']}")
+        write_json(folder / "report.json", report)
+    return report
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -82,149 +301,3 @@ def _wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     if not world.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
-                world: World, device: torch.device) -> dict:
-    """Train (or continue training) one architecture; returns its report."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = model_dir / "last.pt", model_dir / "best.pt"
-    size = (config.image_size, config.image_size)
-    display = ARCHITECTURES[name].display_name
-
-    torch.manual_seed(config.seed)
-    model = create_model(name, len(data.class_names))  # the same initial weights on every rank
-    if world.rank:
-        torch.manual_seed(config.seed + world.rank)  # but each rank its own dropout masks
-    if config.init_weights and not last_path.exists():
-        transfer.load_init_weights(model, config.init_weights, verbose=world.is_main)
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
-    stopper = EarlyStopping(config.patience, config.min_delta)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    precision = Precision(device)
-    history: list[dict] = []
-    start_epoch, finished = 1, False
-
-    if last_path.exists():
-        state = checkpoint.load(last_path)
-        if state.get("class_names") != data.class_names:
-            raise checkpoint.CheckpointError(f"'{last_path}' was trained on other classes")
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
-        stopper.load_state_dict(state["early_stopping"])
-        history, finished = state["history"], state["finished"]
-        exact = _set_rng_state(state["rng"], world, device)
-        start_epoch = state["epoch"] + 1
-        if world.is_main:
-            print(f"{display}: resuming after epoch {state['epoch']}"
-                  + (" (already finished)" if finished else "")
-                  + ("" if exact or finished else
-                     f" with {world.size} process(es), not as before: random draws differ "
-                     "from an uninterrupted run"), flush=True)
-
-    freezer = transfer.BackboneFreezer(model, config.freeze_epochs)
-    train_set, sampler, loader = train_loader(data, config, world, device)
-    eval_transform = EvalTransform()
-
-    trained = None
-    for epoch in range(start_epoch, config.epochs + 1):
-        if finished:
-            break
-        started = time.perf_counter()
-        # DDP registers the parameters that need gradients when it wraps: wrap again when
-        # freezing changes them.
-        if freezer.apply(epoch) or trained is None:
-            del trained
-            trained = _wrap(model, world, device)
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(
-            trained, loader, criterion, optimizer, precision, device, world,
-            desc=f"{display} {epoch}/{config.epochs}",
-        )
-        scheduler.step()
-        distributed.broadcast_buffers(model, world)
-        val = evaluate(model, data.splits["val"], criterion, eval_transform, precision, device, world)
-        improved = stopper.step(val.loss)
-        history.append({
-            "epoch": epoch, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
-            "val_loss": val.loss, "val_accuracy": val.accuracy,
-            "seconds": time.perf_counter() - started,
-        })
-        finished = stopper.should_stop or epoch == config.epochs
-        rng = distributed.all_gather_objects(_rng_state(device), world)
-        if world.is_main:
-            record = checkpoint.model_record(name, model, data.class_names, size, IMAGENET_MEAN, IMAGENET_STD)
-            if improved:
-                checkpoint.save_atomic({**record, "epoch": epoch, "val_loss": val.loss,
-                                        "val_accuracy": val.accuracy}, best_path)
-            checkpoint.save_atomic({
-                **record, "epoch": epoch, "finished": finished, "history": history,
-                "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-                "early_stopping": stopper.state_dict(), "rng": rng,
-                "config": {k: v for k, v in vars(config).items() if v is not None},
-            }, last_path)
-            print(f"{display:>18} epoch {epoch:>2}/{config.epochs}  lr {lr:.1e}  "
-                  f"train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                  f"val loss {val.loss:.4f} acc {val.accuracy:.4f}  "
-                  f"{history[-1]['seconds']:.1f}s{'  *' if improved else ''}", flush=True)
-            if stopper.should_stop:
-                print(f"{display}: stopping early, {stopper.bad_epochs} epochs without improvement",
-                      flush=True)
-        if not (val.loss == val.loss):  # NaN
-            raise RuntimeError(f"{display}: validation loss is NaN; training diverged (try a lower --lr)")
-
-    distributed.barrier(world)
-    if not best_path.exists():
-        raise RuntimeError(f"{display}: no best checkpoint in {model_dir} (with several machines, "
-                           "the run folder must be on storage they all share)")
-    return _final_report(name, config, model, best_path, history, data, criterion,
-                         eval_transform, precision, device, world, model_dir)
-
-
-def _final_report(name, config, model, best_path, history, data, criterion, eval_transform,
-                  precision, device, world, model_dir) -> dict:
-    """Evaluate the best weights on val (and test) and write the model's report files."""
-    best = checkpoint.load(best_path)
-    model.load_state_dict(best["model_state"])
-    best_row = next(row for row in history if row["epoch"] == best["epoch"])
-    report = {
-        "architecture": name,
-        "display_name": ARCHITECTURES[name].display_name,
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
-        "train_loss": best_row["train_loss"],
-        "train_accuracy": best_row["train_accuracy"],
-    }
-    for split in ("val", "test"):
-        if split not in data.splits:
-            continue
-        result = evaluate(model, data.splits[split], criterion, eval_transform, precision, device, world)
-        matrix = reports.confusion_matrix(result.labels, result.predictions, len(data.class_names))
-        report[f"{split}_loss"], report[f"{split}_accuracy"] = result.loss, result.accuracy
-        report["per_class" if split == "val" else "test_per_class"] = reports.per_class_metrics(
-            matrix, data.class_names)
-        if split == "val":
-            val_matrix = matrix
-    size = tuple(best["image_size"])
-    report.update({
-        "parameters": count_parameters(model),
-        "mult_adds": count_mult_adds(model, size),
-        "image_size": list(size),
-        "class_names": data.class_names,
-        "seconds": sum(row["seconds"] for row in history),
-        "stopped_early": history[-1]["epoch"] < config.epochs,
-    })
-    if world.is_main:
-        reports.write_history(model_dir / "history.csv", history)
-        reports.plot_curves(model_dir / "curves.png", history, report["display_name"], report["best_epoch"])
-        reports.plot_confusion(model_dir / "confusion.png", val_matrix, data.class_names,
-                               f"{report['display_name']}: validation, best epoch {report['best_epoch']}")
-        reports.write_json(model_dir / "report.json", report)
-    return report

@@ -1,8 +1,9 @@
-"""The preprocessing pipelines, each stated once (after torchvision's classification presets).
+"""The training-side pipelines, each stated once (after torchvision's classification presets).
 
 Images reach these pipelines already decoded to RGB and resized to exactly H x W as uint8
 CHW tensors (see ``decode``): the data loader decodes each file once and caches that tensor,
-so the random augmentation is drawn fresh every epoch from the cached copy.
+so the random augmentation is drawn fresh every epoch from the cached copy. The evaluation
+side is built from ``imaging.preprocessing.Preprocessing``, the spec serving uses too.
 """
 from __future__ import annotations
 
@@ -16,16 +17,14 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import imaging
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from imaging.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
-def decode(source: imaging.Source | Image.Image, size: tuple[int, int],
+def decode(source: imaging.Source | Image.Image, preprocessing: Preprocessing,
            max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A file (or Pillow image) as the model sees it before normalisation: uint8, 3 x H x W."""
     img = source if isinstance(source, Image.Image) else imaging.load_rgb(source, max_pixels)
-    return torch.from_numpy(np.ascontiguousarray(imaging.model_pixels(img, size).transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(preprocessing.pixels(img).transpose(2, 0, 1)))
 
 
 # The original recipe's augmentation (see TrainAugment).
@@ -185,10 +184,12 @@ def _blur(x, sigma):
 
 
 class EvalTransform:
-    """Validation and inference: the decoded image, scaled to [0, 1] and normalised."""
+    """Validation and inference: the decoded image (``decode``), scaled to [0, 1] and
+    normalised with the spec's mean and std."""
 
-    def __init__(self, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.pipeline = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    def __init__(self, preprocessing: Preprocessing):
+        self.pipeline = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                    v2.Normalize(list(preprocessing.mean), list(preprocessing.std))])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.pipeline(image)

@@ -1,0 +1,122 @@
+"""The model card, ``models/README.md``: what the exported files are and how far to trust them.
+
+Generated from the manifest and the run's reports (nothing typed by hand), with the YAML front
+matter Hugging Face model cards use (license, tags, library, metrics, model-index).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from common.files import write_text
+
+LICENSE = "apache-2.0"
+
+
+def _report(run_dir: Path, name: str) -> dict:
+    path = run_dir / name / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _macro_f1(per_class: dict | None) -> float | None:
+    return sum(c["f1"] for c in per_class.values()) / len(per_class) if per_class else None
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def front_matter(entries: list[dict], reports: dict[str, dict], dataset: str) -> dict:
+    model_index = []
+    for entry in entries:
+        report = reports.get(entry["name"], {})
+        metrics = [{"type": "accuracy", "name": f"{split} accuracy", "value": round(report[f"{split}_accuracy"], 4)}
+                   for split in ("val", "test") if report.get(f"{split}_accuracy") is not None]
+        f1 = _macro_f1(report.get("per_class"))
+        if f1 is not None:
+            metrics.append({"type": "f1", "name": "val macro-F1", "value": round(f1, 4)})
+        model_index.append({"name": f"{entry['display_name']} ({entry['precision']})", "results": [{
+            "task": {"type": "image-classification", "name": "Image Classification"},
+            "dataset": {"type": "imagefolder", "name": dataset},
+            "metrics": metrics,
+        }]})
+    return {
+        "license": LICENSE,
+        "library_name": "onnx",
+        "pipeline_tag": "image-classification",
+        "tags": ["image-classification", "onnx", "onnxruntime", "resnet", "resnet-34",
+                 "squeeze-and-excitation"],
+        "metrics": ["accuracy", "f1"],
+        "model-index": model_index,
+    }
+
+
+def render(manifest: dict, run_dir: Path) -> str:
+    entries = manifest["models"]
+    reports = {e["name"]: _report(run_dir, e["name"]) for e in entries}
+    config_path = run_dir / "config.json"
+    dataset = json.loads(config_path.read_text()).get("data", "?") if config_path.is_file() else "?"
+    first = entries[0]
+    spec = first["preprocessing"]
+    _, height, width = spec["input_size"]
+    lines = [
+        "---", yaml.safe_dump(front_matter(entries, reports, dataset), sort_keys=False).rstrip(), "---", "",
+        "# ResNet-34 variants: exported models", "",
+        f"Trained on `{dataset}` (run `{manifest['run']}`), exported to ONNX with parity against "
+        "the PyTorch checkpoints proven at export. Each file is self-contained: class names and "
+        "preprocessing are in its metadata.", "",
+        "## Models", "",
+        "| file | model | precision | val accuracy | val macro-F1 | test accuracy | max logit diff vs PyTorch | size |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        report = reports[e["name"]]
+        parity = e.get("parity") or {}
+        fidelity = e.get("quantization", {}).get("validation", {})
+        check = (f"{parity['max_abs_logit_diff']:.1e}" if parity else
+                 f"INT8: {fidelity['top1_agreement']:.1%} top-1 agreement" if fidelity.get("images") else "–")
+        lines.append(f"| `{e['file']}` | {e['display_name']} | {e['precision']} | "
+                     f"{_pct(report.get('val_accuracy'))} | {_pct(_macro_f1(report.get('per_class')))} | "
+                     f"{_pct(report.get('test_accuracy'))} | {check} | {e['size_bytes'] / 1e6:.1f} MB |")
+    lines += [
+        "", "Metrics are those of each model's best epoch (lowest validation loss); the test "
+        "split, where there is one, was never used to choose anything.", "",
+        "## Classes", "",
+        ", ".join(f"`{c}`" for c in first["class_names"]) + f" ({len(first['class_names'])}, in output order).", "",
+        "## Input and preprocessing", "",
+        f"- input `image`: float32, N x 3 x {height} x {width} (N dynamic); outputs `logits` and "
+        "`probabilities` (softmax), N x classes;",
+        "- decode to RGB (EXIF orientation applied, transparency composited on white), resize to "
+        f"exactly {height} x {width} with {spec['interpolation']} interpolation (crop mode "
+        f"`{spec['crop_mode']}`: aspect ratio not kept, no crop), scale to [0, 1], subtract mean "
+        f"{spec['mean']}, divide by std {spec['std']}.", "",
+        "The metadata keys `input_size`, `interpolation`, `crop_pct`, `crop_mode`, `mean` and `std` "
+        "follow timm's `pretrained_cfg` names.", "",
+        "## Architectures", "",
+    ]
+    seen = set()
+    for e in entries:
+        if e["name"] in seen:
+            continue
+        seen.add(e["name"])
+        spec_text = ", ".join(f"{k} {v}" for k, v in e["architecture_spec"].items() if k != "display_name")
+        lines.append(f"- **{e['display_name']}** (`{e['name']}`): {spec_text}.")
+    lines += [
+        "", "## Intended use and limits", "",
+        "- Intended for classifying images like those the models were trained on, into exactly "
+        "the classes above, and for comparing the three architectures side by side. Any other "
+        "image still gets one of these classes: the models cannot say \"none of these\".",
+        "- The metrics come from one run on one split; small validation sets give wide "
+        "uncertainty, so differences of a few points between models may be noise.",
+        "- The models were trained from scratch (or from the weights named in the run's "
+        "`config.json`) on the data named above; they inherit that data's biases and gaps and "
+        "are not for decisions about people.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(path: Path, manifest: dict, run_dir: Path) -> None:
+    write_text(path, render(manifest, Path(run_dir)))
