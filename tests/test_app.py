@@ -185,13 +185,13 @@ def refuse_class_disagreement(tmp_path, models):
 def test_broken_models_folder_stops_start_up_in_one_line(exported_models, tmp_path, breakage):
     folder, message = breakage(tmp_path, copy_models(exported_models, tmp_path))
     code, lines = start(folder)
-    assert code != 0
+    assert code == 2  # the user's folder: a user mistake
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
 
 
 def test_int8_without_int8_models_stops_start_up(exported_models):
     code, lines = start(exported_models, "--precision", "int8")
-    assert code != 0 and len(lines) == 1 and "no int8 models" in lines[0], lines
+    assert code == 2 and len(lines) == 1 and "no int8 models" in lines[0], lines
 
 
 def test_port_in_use_stops_start_up(exported_models):
@@ -202,7 +202,7 @@ def test_port_in_use_stops_start_up(exported_models):
         done = run_python(["-m", "serve.app", "--models", str(exported_models), "--port", str(port)],
                           timeout=STARTUP_TIMEOUT)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert len(lines) == 1 and f"port {port}" in lines[0] and "--port" in lines[0], lines
 
 

@@ -156,6 +156,27 @@ def test_manifest_matches_the_files(trained_run, exported_models):
         imaging.load_rgb(exported_models / example)  # a real image
 
 
+def test_model_card_is_generated_from_the_manifest_and_reports(trained_run, exported_models):
+    import yaml
+
+    text = (exported_models / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["license"] == "apache-2.0" and front["library_name"] == "onnx"
+    assert "image-classification" in front["tags"] and {"accuracy", "f1"} <= set(front["metrics"])
+    manifest = json.loads((exported_models / "manifest.json").read_text())
+    assert len(front["model-index"]) == len(manifest["models"])
+    body = text.split("---\n", 2)[2]
+    for entry, indexed in zip(manifest["models"], front["model-index"]):
+        report = json.loads((trained_run / entry["name"] / "report.json").read_text())
+        metrics = {m["name"]: m["value"] for m in indexed["results"][0]["metrics"]}
+        assert metrics["val accuracy"] == pytest.approx(report["val_accuracy"], abs=1e-4)
+        assert f"`{entry['file']}`" in body and f"{report['val_accuracy']:.1%}" in body
+        assert f"{entry['parity']['max_abs_logit_diff']:.1e}" in body
+    assert ", ".join(f"`{c}`" for c in manifest["models"][0]["class_names"]) in body
+    assert "Intended use and limits" in body and "squash" in body
+
+
 def test_exp_mish_is_mish():
     x = torch.cat([torch.linspace(-120, 120, 20001), torch.tensor([0.0, -1e-30, 1e-30, 19.9, 20.1, 88.0, 1e4])])
     torch.testing.assert_close(ExpMish()(x), torch.nn.functional.mish(x), atol=1e-6, rtol=1e-5)
