@@ -15,8 +15,9 @@ from common.files import write_text
 LICENSE = "apache-2.0"
 
 
-def _report(run_dir: Path, name: str) -> dict:
-    path = run_dir / name / "report.json"
+def _report(run_dir: Path, name: str, training_run: str) -> dict:
+    folder = run_dir / name if training_run == "single" else run_dir / name / training_run
+    path = folder / "report.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -55,7 +56,7 @@ def front_matter(entries: list[dict], reports: dict[str, dict], dataset: str) ->
 
 def render(manifest: dict, run_dir: Path) -> str:
     entries = manifest["models"]
-    reports = {e["name"]: _report(run_dir, e["name"]) for e in entries}
+    reports = {e["name"]: _report(run_dir, e["name"], e["training_run"]) for e in entries}
     config_path = run_dir / "config.json"
     dataset = json.loads(config_path.read_text()).get("data", "?") if config_path.is_file() else "?"
     first = entries[0]
@@ -68,8 +69,8 @@ def render(manifest: dict, run_dir: Path) -> str:
         "the PyTorch checkpoints proven at export. Each file is self-contained: class names and "
         "preprocessing are in its metadata.", "",
         "## Models", "",
-        "| file | model | precision | val accuracy | val macro-F1 | test accuracy | max logit diff vs PyTorch | size |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| file | model | precision | run | val accuracy | val macro-F1 | test accuracy | max logit diff vs PyTorch | size |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         report = reports[e["name"]]
@@ -77,12 +78,14 @@ def render(manifest: dict, run_dir: Path) -> str:
         fidelity = e.get("quantization", {}).get("validation", {})
         check = (f"{parity['max_abs_logit_diff']:.1e}" if parity else
                  f"INT8: {fidelity['top1_agreement']:.1%} top-1 agreement" if fidelity.get("images") else "–")
-        lines.append(f"| `{e['file']}` | {e['display_name']} | {e['precision']} | "
+        lines.append(f"| `{e['file']}` | {e['display_name']} | {e['precision']} | {e['training_run']} | "
                      f"{_pct(report.get('val_accuracy'))} | {_pct(_macro_f1(report.get('per_class')))} | "
                      f"{_pct(report.get('test_accuracy'))} | {check} | {e['size_bytes'] / 1e6:.1f} MB |")
     lines += [
         "", "Metrics are those of each model's best epoch (lowest validation loss); the test "
-        "split, where there is one, was never used to choose anything.", "",
+        "split, where there is one, was never used to choose anything. `run` names the exported "
+        "run of a study with several (`seed-<s>`, `fold-<k>`); the run folder's `comparison.md` "
+        "compares the models over all of them, with intervals and paired tests.", "",
         "## Classes", "",
         ", ".join(f"`{c}`" for c in first["class_names"]) + f" ({len(first['class_names'])}, in output order).", "",
         "## Input and preprocessing", "",

@@ -28,7 +28,7 @@ DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
 METADATA_KEYS = (
     "class_names", *preprocessing.METADATA_KEYS, "architecture", "architecture_spec",
-    "display_name", "val_accuracy", "checkpoint_sha256", "torch_version", "onnx_version",
+    "display_name", "training_run", "val_accuracy", "checkpoint_sha256", "torch_version", "onnx_version",
     "exported_at", "precision",
 )
 
@@ -60,7 +60,9 @@ def exportable(model: nn.Module) -> nn.Module:
     return WithProbabilities(model.export_form()).eval()
 
 
-def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32") -> dict[str, str]:
+def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32",
+                 training_run: str = "single") -> dict[str, str]:
+    """``training_run``: which run of the study the checkpoint is (seed-68, fold-2, single)."""
     arch = architecture_of(ckpt)
     return {
         "class_names": json.dumps(ckpt["class_names"]),
@@ -68,6 +70,7 @@ def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32") ->
         "architecture": ckpt["architecture"],
         "architecture_spec": json.dumps(arch.to_dict()),
         "display_name": arch.display_name,
+        "training_run": training_run,
         "val_accuracy": f"{ckpt.get('val_accuracy', float('nan')):.6f}",
         "checkpoint_sha256": checkpoint_sha256,
         "torch_version": torch.__version__,
@@ -84,7 +87,8 @@ def set_metadata(model_proto: onnx.ModelProto, metadata: dict[str, str]) -> None
         entry.key, entry.value = key, value
 
 
-def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int = DEFAULT_OPSET,
+                 training_run: str = "single") -> Path:
     """Export to ``out_path`` via a temporary file; returns the temporary file's path.
 
     The caller renames it into place once parity is proven (or deletes it), so a failed export
@@ -103,7 +107,7 @@ def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int 
                 opset_version=opset, dynamo=True, external_data=False, verbose=False,
             )
         proto = onnx.load(str(tmp))
-        set_metadata(proto, metadata_for(ckpt, checkpoint_sha256))
+        set_metadata(proto, metadata_for(ckpt, checkpoint_sha256, training_run=training_run))
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
         ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])  # loads, or raises

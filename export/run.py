@@ -29,6 +29,7 @@ from serve.predictor import create_session
 from training import checkpoint
 from training.models import MODEL_NAMES
 from training.run import RUNS_DIR, newest_run
+from training.study import Member, run_members, split_lists
 from training.transforms import EvalTransform, decode
 
 EXAMPLES_PER_CLASS = 2
@@ -47,13 +48,48 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write a Triton Inference Server model repository to DIR")
     parser.add_argument("--quantize", choices=["int8"],
                         help="also write <model>.int8.onnx: static INT8, calibrated on training images")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--seed", type=int, help="with --seeds runs: export this seed's run "
+                       "(default: each model's run with the lowest validation loss)")
+    which.add_argument("--fold", type=int, help="with --folds runs: export this fold's run, 1 to K "
+                       "(default: fold 1; folds validate on different images, so their losses "
+                       "do not rank them)")
     return parser.parse_args(argv)
 
 
-def split_images(run_dir: Path, split: str, preprocessing: Preprocessing, limit: int):
-    """One split of the run (splits.json) through the real preprocessing: images, labels, paths."""
-    splits_file = run_dir / "splits.json"
-    listed = json.loads(splits_file.read_text()).get(split, []) if splits_file.is_file() else []
+def study_of(run_dir: Path) -> list[Member]:
+    """The runs a run folder holds per model (a folder without config.json: one run)."""
+    return run_members(run_dir) if (run_dir / "config.json").is_file() else [Member(None, 0)]
+
+
+def choose_member(run_dir: Path, name: str, study: list[Member], seed: int | None,
+                  fold: int | None) -> Member:
+    """Which of a model's runs to export (see --seed and --fold)."""
+    labels = ", ".join(m.label for m in study if m.label) or "one run"
+    if seed is not None:
+        match = [m for m in study if m.seed == seed and m.fold is None]
+        if not match:
+            raise UserError(f"'{run_dir}' has no run with seed {seed} (it has: {labels})")
+        return match[0]
+    if fold is not None:
+        match = [m for m in study if m.fold is not None and m.fold + 1 == fold]
+        if not match:
+            raise UserError(f"'{run_dir}' has no fold {fold} (it has: {labels})")
+        return match[0]
+    if len(study) == 1 or study[0].fold is not None:
+        return study[0]
+
+    def val_loss(member: Member) -> float:
+        report = member.folder(run_dir, name) / "report.json"
+        return json.loads(report.read_text())["val_loss"] if report.is_file() else float("inf")
+
+    return min(study, key=val_loss)
+
+
+def split_images(run_dir: Path, split: str, preprocessing: Preprocessing, limit: int,
+                 member: Member | None = None):
+    """One split of a run (splits.json) through the real preprocessing: images, labels, paths."""
+    listed = listed_split(run_dir, split, member)
     transform = EvalTransform(preprocessing)
     kept, labels, tensors = [], [], []
     for p, label in listed[:limit]:
@@ -68,24 +104,32 @@ def split_images(run_dir: Path, split: str, preprocessing: Preprocessing, limit:
     return torch.stack(tensors).numpy(), np.asarray(labels, np.int64), kept
 
 
-def validation_images(run_dir: Path, preprocessing: Preprocessing, limit: int = PARITY_IMAGES):
+def listed_split(run_dir: Path, split: str, member: Member | None = None) -> list:
+    """[[path, label], ...] of one split of the run (or of one fold's run)."""
+    if not (run_dir / "splits.json").is_file():
+        return []
+    return split_lists(run_dir, member or Member(None, 0)).get(split, [])
+
+
+def validation_images(run_dir: Path, preprocessing: Preprocessing, limit: int = PARITY_IMAGES,
+                      member: Member | None = None):
     """The run's own validation images through the real preprocessing, and their paths."""
-    images, _, paths = split_images(run_dir, "val", preprocessing, limit)
+    images, _, paths = split_images(run_dir, "val", preprocessing, limit, member)
     return images, paths
 
 
-def copy_examples(run_dir: Path, out_dir: Path) -> list[str]:
+def copy_examples(run_dir: Path, out_dir: Path, member: Member | None = None) -> list[str]:
     """A few validation images per class, for the app's clickable examples."""
     splits_file = run_dir / "splits.json"
     if not splits_file.is_file():
         return []
-    splits = json.loads(splits_file.read_text())
+    class_names = json.loads(splits_file.read_text())["class_names"]
     examples_dir = out_dir / "examples"
     shutil.rmtree(examples_dir, ignore_errors=True)
     examples_dir.mkdir(parents=True)
     names, taken = [], {}
-    for path, label in splits["val"]:
-        cls = splits["class_names"][label]
+    for path, label in listed_split(run_dir, "val", member):
+        cls = class_names[label]
         if taken.get(cls, 0) >= EXAMPLES_PER_CLASS or not Path(path).is_file():
             continue
         taken[cls] = taken.get(cls, 0) + 1
@@ -95,18 +139,19 @@ def copy_examples(run_dir: Path, out_dir: Path) -> list[str]:
     return names
 
 
-def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path) -> dict:
+def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path,
+                 member: Member) -> dict:
     """<model>.int8.onnx from the exported FP32 file, its report, and its manifest entry."""
     name, spec = entry["name"], checkpoint.preprocessing_of(ckpt)
-    calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES)
+    calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES, member)
     if not len(calibration):
         raise ExportError(f"{name}: no training images listed in '{run_dir / 'splits.json'}' "
                           "to calibrate INT8 on")
     fp32_path, out_path = out_dir / entry["file"], out_dir / f"{name}.int8.onnx"
-    metadata = metadata_for(ckpt, ckpt_sha256, "int8")
+    metadata = metadata_for(ckpt, ckpt_sha256, "int8", entry["training_run"])
     tmp = quantize_file(fp32_path, out_path, calibration, metadata)
     try:
-        images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES)
+        images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES, member)
         report = compare(create_session(fp32_path), create_session(tmp), images, labels)
         os.replace(tmp, out_path)
     finally:
@@ -128,16 +173,19 @@ def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_d
             "quantization": report}
 
 
-def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: str | None = None) -> list[dict]:
+def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: str | None = None,
+               member: Member | None = None) -> list[dict]:
     """Manifest entries: the FP32 file's, then (with ``quantize``) the INT8 file's."""
-    ckpt_path = run_dir / name / "best.pt"
+    member = member or Member(None, 0)
+    ckpt_path = member.folder(run_dir, name) / "best.pt"
     ckpt = checkpoint.load(ckpt_path)
     ckpt_sha256 = sha256_of(ckpt_path)
     model = checkpoint.rebuild_model(ckpt, expected_architecture=name)
     out_path = out_dir / f"{name}.onnx"
-    tmp = export_model(ckpt, ckpt_sha256, out_path, opset)
+    training_run = member.label or "single"
+    tmp = export_model(ckpt, ckpt_sha256, out_path, opset, training_run)
     try:
-        images, _ = validation_images(run_dir, checkpoint.preprocessing_of(ckpt))
+        images, _ = validation_images(run_dir, checkpoint.preprocessing_of(ckpt), member=member)
         report = check_parity(model, create_session(tmp), images)
         print(f"{name}: parity {report.summary()}", flush=True)
         write_json(out_dir / f"{name}.parity.json", {"model": name, **report.as_dict()})
@@ -151,7 +199,7 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
     meta = Predictor(out_path).metadata
     entry = {
         "name": name, "file": out_path.name, "precision": "fp32",
-        **{k: meta[k] for k in ("display_name", "architecture", "checkpoint_sha256",
+        **{k: meta[k] for k in ("display_name", "architecture", "training_run", "checkpoint_sha256",
                                 "torch_version", "onnx_version", "exported_at")},
         "architecture_spec": json.loads(meta["architecture_spec"]),
         "class_names": json.loads(meta["class_names"]),
@@ -160,7 +208,7 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
         "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
         "parity": report.as_dict(),
     }
-    return [entry] + ([quantize_one(entry, ckpt, ckpt_sha256, run_dir, out_dir)] if quantize else [])
+    return [entry] + ([quantize_one(entry, ckpt, ckpt_sha256, run_dir, out_dir, member)] if quantize else [])
 
 
 def main(argv=None) -> int:
@@ -171,7 +219,9 @@ def export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run) if args.run else newest_run(RUNS_DIR)
     if not run_dir.is_dir():
         raise UserError(f"run folder '{run_dir}' does not exist")
-    available = [n for n in MODEL_NAMES if (run_dir / n / "best.pt").is_file()]
+    study = study_of(run_dir)
+    chosen = {n: choose_member(run_dir, n, study, args.seed, args.fold) for n in MODEL_NAMES}
+    available = [n for n in MODEL_NAMES if (chosen[n].folder(run_dir, n) / "best.pt").is_file()]
     names = [m.strip() for m in args.models.split(",")] if args.models else available
     missing = [n for n in names if n not in available]
     if missing or not names:
@@ -179,11 +229,14 @@ def export(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"Exporting {', '.join(names)} from {run_dir} to {out_dir}/ (opset {args.opset})", flush=True)
-    exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize) for name in names]
+    for name in names:
+        if chosen[name].label:
+            print(f"{name}: the {chosen[name].label} run", flush=True)
+    exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize, chosen[name]) for name in names]
     # FP32 entries first: a reader that ignores "precision" still finds one file per model.
     entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
               [e for per_model in exported for e in per_model if e["precision"] != "fp32"]
-    examples = copy_examples(run_dir, out_dir)
+    examples = copy_examples(run_dir, out_dir, chosen[names[0]])
     manifest = {"run": str(run_dir), "models": entries, "examples": examples}
     write_json(out_dir / "manifest.json", manifest)
     model_card.write(out_dir / "README.md", manifest, run_dir)

@@ -39,6 +39,8 @@ class TrainConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 67
+    seeds: int = 1  # train each model this many times, with seeds seed, seed+1, ...
+    folds: int = 0  # K-fold cross-validation on the non-test images (0: off)
     device: str = "auto"  # auto = cuda, then mps, then cpu
     workers: int = -1  # data-loader processes; -1 = chosen from the CPU count
     out: str | None = None  # run folder; default runs/<date-time>
@@ -72,6 +74,11 @@ class TrainConfig:
             raise ConfigError("lr must be positive, patience at least 1, freeze_epochs at least 0")
         if self.labels_csv and self.builtin_data:
             raise ConfigError("--labels-csv needs --data IMAGE_DIR (the folder the filenames are in)")
+        if self.seeds < 1 or self.folds < 0 or self.folds == 1:
+            raise ConfigError(f"seeds must be at least 1 and folds 0 (off) or at least 2, "
+                              f"got seeds {self.seeds}, folds {self.folds}")
+        if self.seeds > 1 and self.folds:
+            raise ConfigError("choose --seeds or --folds, not both: folds already give repeated runs")
         if self.freeze_epochs and not self.init_weights:
             raise ConfigError("--freeze-epochs needs --init-weights (a backbone to keep frozen)")
         return self
@@ -92,6 +99,10 @@ FLAG_HELP = {
     "workers": "data-loader worker processes (-1: chosen from the CPU count)",
     "init_weights": "torchvision ResNet-34 state dict (.pth) to initialise matching layers from",
     "freeze_epochs": "with --init-weights: train only the new layers (head, SE) for the first K epochs",
+    "seed": "drives the split, initialisation and augmentation",
+    "seeds": "train each model N times on the same split, with seeds --seed, --seed + 1, ...",
+    "folds": "K-fold cross-validation on the images outside the test split (0: off; "
+             "not with a val/ folder)",
 }
 
 

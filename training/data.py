@@ -251,6 +251,38 @@ def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction
     return PreparedData(index.class_names, splits, bad, total)
 
 
+def _subset(split: SplitImages, rows: list[int]) -> SplitImages:
+    index = torch.tensor(rows, dtype=torch.long)
+    return SplitImages(split.images[index], split.labels[index], [split.paths[i] for i in rows])
+
+
+def cross_validation_folds(data: PreparedData, folds: int, seed: int) -> list[PreparedData]:
+    """Stratified K-fold splits of the images outside the test split: fold k validates on its
+    own share of every class and trains on the rest, so each image is validated exactly once."""
+    pool = data.splits["train"]
+    if "val" in data.splits:
+        val = data.splits["val"]
+        pool = SplitImages(torch.cat([pool.images, val.images]), torch.cat([pool.labels, val.labels]),
+                           pool.paths + val.paths)
+    fold_of = np.empty(len(pool), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    labels = pool.labels.numpy()
+    for label in range(len(data.class_names)):
+        members = np.flatnonzero(labels == label)
+        if len(members) < folds:
+            raise DataError(f"class {data.class_names[label]} has {len(members)} image(s) outside the "
+                            f"test split, fewer than --folds {folds}")
+        fold_of[rng.permutation(members)] = np.arange(len(members)) % folds
+    out = []
+    for k in range(folds):
+        splits = {"train": _subset(pool, np.flatnonzero(fold_of != k).tolist()),
+                  "val": _subset(pool, np.flatnonzero(fold_of == k).tolist())}
+        if "test" in data.splits:
+            splits["test"] = data.splits["test"]
+        out.append(PreparedData(data.class_names, splits, data.bad_files, data.total_files))
+    return out
+
+
 class TrainingSamples(torch.utils.data.Dataset):
     """Decoded training images with the augmentation drawn for them, fresh per sample and epoch.
 

@@ -96,6 +96,7 @@ class Evaluation:
     accuracy: float
     predictions: torch.Tensor  # top-1 class per sample, in the split's order
     labels: torch.Tensor
+    probabilities: torch.Tensor  # N x classes, softmax, in the split's order
 
 
 @torch.no_grad()
@@ -104,7 +105,7 @@ def evaluate(model: nn.Module, split: SplitImages, criterion, transform, precisi
     """Evaluate a whole split; with several processes each takes a shard, results are joined."""
     model.eval()
     rows = torch.arange(world.rank, len(split), world.size)
-    loss_sum, predictions = 0.0, []
+    loss_sum, probabilities = 0.0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         images = _to_device(transform(split.images[chunk]), device)
@@ -112,13 +113,17 @@ def evaluate(model: nn.Module, split: SplitImages, criterion, transform, precisi
         with precision.autocast():
             logits = model(images)
         loss_sum += criterion(logits.float(), labels).item() * len(chunk)
-        predictions.append(logits.argmax(1).cpu())
-    predictions = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+        probabilities.append(torch.softmax(logits.float(), 1).cpu())
+    if not probabilities:  # a rank with no rows of a tiny split
+        classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+        probabilities = [torch.empty(0, classes)]
+    probabilities = torch.cat(probabilities)
     (loss_sum,) = distributed.all_sum([loss_sum], world, device)
     # Shards interleave (rank r holds rows r, r + size, ...): put them back in split order.
     gathered_rows = distributed.all_gather(rows, world)
-    gathered = distributed.all_gather(predictions, world)
+    gathered = distributed.all_gather(probabilities, world)
     ordered = torch.empty_like(gathered)
     ordered[gathered_rows] = gathered
-    accuracy = (ordered == split.labels).float().mean().item()
-    return Evaluation(loss_sum / len(split), accuracy, ordered, split.labels.clone())
+    predictions = ordered.argmax(1)
+    accuracy = (predictions == split.labels).float().mean().item()
+    return Evaluation(loss_sum / len(split), accuracy, predictions, split.labels.clone(), ordered)

@@ -65,6 +65,32 @@ def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> dict:
     return out
 
 
+def macro_f1(per_class: dict) -> float:
+    return float(np.mean([c["f1"] for c in per_class.values()]))
+
+
+PREDICTION_COLUMNS = ("split", "path", "label", "predicted")
+
+
+def write_predictions(path: Path, evaluated: dict, class_names: list[str]) -> None:
+    """One row per evaluated image: split, path, true and predicted class, every class's
+    probability (``prob_<class>``). ``evaluated``: {split: (SplitImages, Evaluation)}."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([*PREDICTION_COLUMNS, *(f"prob_{c}" for c in class_names)])
+    for split, (images, result) in evaluated.items():
+        for row, image_path in enumerate(images.paths):
+            writer.writerow([split, image_path, class_names[int(result.labels[row])],
+                             class_names[int(result.predictions[row])],
+                             *(f"{p:.6f}" for p in result.probabilities[row].tolist())])
+    write_text(path, text.getvalue())
+
+
+def read_predictions(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 def plot_confusion(path: Path, matrix: np.ndarray, class_names: list[str], title: str) -> None:
     size = max(4.0, 0.6 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -80,40 +106,3 @@ def plot_confusion(path: Path, matrix: np.ndarray, class_names: list[str], title
     ax.set_title(title)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def _fmt(value, digits=4) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def write_comparison(path: Path, reports: list[dict], run_info: dict) -> None:
-    """The side-by-side table of the models in a run, as Markdown."""
-    has_test = any(r.get("test_accuracy") is not None for r in reports)
-    columns = ["model", "train acc", "val acc", "train loss", "val loss"]
-    if has_test:
-        columns += ["test acc", "test loss"]
-    columns += ["best epoch", "epochs run", "parameters", "mult-adds", "time"]
-    lines = [
-        f"# Comparison: {run_info['dataset']}",
-        "",
-        f"{run_info['classes']} classes; {run_info['split_sizes']}; image size "
-        f"{run_info['image_size']} px; device {run_info['device']}. Metrics at each model's best "
-        "epoch (lowest validation loss).",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if c == "model" else "---:" for c in columns) + "|",
-    ]
-    for r in reports:
-        cells = [r["display_name"], _fmt(r["train_accuracy"]), _fmt(r["val_accuracy"]),
-                 _fmt(r["train_loss"]), _fmt(r["val_loss"])]
-        if has_test:
-            cells += [_fmt(r.get("test_accuracy")), _fmt(r.get("test_loss"))]
-        cells += [str(r["best_epoch"]), str(r["epochs_run"]), f"{r['parameters']:,}",
-                  f"{r['mult_adds'] / 1e9:.2f} G", f"{r['seconds']:.0f} s"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Per-class F1 on the validation split:", "",
-              "| class | " + " | ".join(r["display_name"] for r in reports) + " |",
-              "|---|" + "---:|" * len(reports)]
-    for name in reports[0]["per_class"]:
-        lines.append(f"| {name} | " + " | ".join(_fmt(r["per_class"][name]["f1"], 3) for r in reports) + " |")
-    write_text(path, "\n".join(lines) + "\n")

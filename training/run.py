@@ -14,9 +14,11 @@ from pathlib import Path
 
 from common.errors import run_cli
 from common.files import write_json
-from training import distributed, reports, transfer
+from training import distributed, transfer
 from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config, to_dict
-from training.data import index_csv, index_image_folder, prepare_data
+from training.comparison import write_comparison
+from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
+from training.study import members
 from training.synthetic import ensure_builtin_dataset
 from training.trainer import preprocessing_for, train_model
 
@@ -66,9 +68,16 @@ def load_dataset(config: TrainConfig, world: distributed.World):
             ensure_builtin_dataset(root)
         distributed.barrier(world)
     index = index_csv(Path(config.labels_csv), root) if config.labels_csv else index_image_folder(root)
+    if config.folds and "val" in index.splits:
+        raise ConfigError(f"--folds makes its own validation folds, but '{root}' has a val/ folder; "
+                          "drop --folds or the val/ folder")
     processes = max(1, (os.cpu_count() or 1) // distributed.local_size())  # every rank decodes
     return prepare_data(index, preprocessing_for(config), config.val_fraction, config.test_fraction,
                         config.seed, processes)
+
+
+def _listed(split) -> list:
+    return [[p, int(label)] for p, label in zip(split.paths, split.labels.tolist())]
 
 
 def describe(data, run_dir: Path) -> str:
@@ -92,26 +101,36 @@ def train(argv: list[str] | None = None) -> int:
         world, device = distributed.init(config.device)
         run_dir = Path(distributed.broadcast(str(run_dir), world))
         data = load_dataset(config, world)
-        fresh = [n for n in config.models if not (run_dir / n / "last.pt").exists()]
+        study = members(config)
+        folds = cross_validation_folds(data, config.folds, config.seed) if config.folds else None
+        fresh = [n for n in config.models if not (study[0].folder(run_dir, n) / "last.pt").exists()]
         if config.init_weights and fresh:  # refuse a wrong file before a run folder is made
             transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "config.json", to_dict(config))
             write_json(run_dir / "bad_files.json", data.bad_files)
-            write_json(run_dir / "splits.json", {
-                "class_names": data.class_names,
-                **{name: [[p, int(label)] for p, label in zip(split.paths, split.labels.tolist())]
-                   for name, split in data.splits.items()},
-            })
+            listed = {"class_names": data.class_names}
+            if folds:  # each fold's validation images; a fold trains on all the others
+                listed["folds"] = [_listed(fold.splits["val"]) for fold in folds]
+                listed.update({k: _listed(v) for k, v in data.splits.items() if k == "test"})
+            else:
+                listed.update({name: _listed(split) for name, split in data.splits.items()})
+            write_json(run_dir / "splits.json", listed)
             print(f"Run folder: {run_dir}\nData: {config.data}: {describe(data, run_dir)}\n"
-                  f"Device: {device}" + (f" x {world.size} processes" if world.distributed else ""),
-                  flush=True)
-        results = [train_model(name, config, data, run_dir / name, world, device)
-                   for name in config.models]
+                  f"Device: {device}" + (f" x {world.size} processes" if world.distributed else "")
+                  + (f"\nRuns per model: {len(study)} ({', '.join(m.label for m in study)})"
+                     if len(study) > 1 else ""), flush=True)
+        for member in study:  # a resumed study skips finished runs and continues the one it was in
+            member_config = dataclasses.replace(config, seed=member.seed)
+            member_data = folds[member.fold] if folds else data
+            for name in config.models:
+                if world.is_main and member.label:
+                    print(f"--- {name}, {member.label}", flush=True)
+                train_model(name, member_config, member_data, member.folder(run_dir, name), world, device)
         if world.is_main:
             sizes = ", ".join(f"{n} {len(s)}" for n, s in data.splits.items())
-            reports.write_comparison(run_dir / "comparison.md", results, {
+            write_comparison(run_dir, config, study, {
                 "dataset": config.data, "classes": len(data.class_names), "split_sizes": sizes,
                 "image_size": config.image_size, "device": f"{device}" + (
                     f" x {world.size}" if world.distributed else ""),

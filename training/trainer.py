@@ -249,15 +249,17 @@ def final_report(run: ModelRun) -> dict:
         "train_accuracy": best_row["train_accuracy"],
     }
     transform = EvalTransform(run.preprocessing)
+    evaluations = {}
     for split in ("val", "test"):
         if split not in run.data.splits:
             continue
-        result = evaluate(run.model, run.data.splits[split], run.optimization.criterion, transform,
-                          run.precision, run.device, run.world)
+        result = evaluations[split] = evaluate(run.model, run.data.splits[split], run.optimization.criterion,
+                                               transform, run.precision, run.device, run.world)
         matrix = reports.confusion_matrix(result.labels, result.predictions, len(run.data.class_names))
+        per_class = reports.per_class_metrics(matrix, run.data.class_names)
         report[f"{split}_loss"], report[f"{split}_accuracy"] = result.loss, result.accuracy
-        report["per_class" if split == "val" else "test_per_class"] = reports.per_class_metrics(
-            matrix, run.data.class_names)
+        report[f"{split}_macro_f1"] = reports.macro_f1(per_class)
+        report["per_class" if split == "val" else "test_per_class"] = per_class
         if split == "val":
             val_matrix = matrix
     report.update({
@@ -271,6 +273,9 @@ def final_report(run: ModelRun) -> dict:
     if run.world.is_main:
         folder = run.folder
         reports.write_history(folder / "history.csv", run.history)
+        reports.write_predictions(folder / "predictions.csv", {
+            split: (run.data.splits[split], result) for split, result in evaluations.items()},
+            run.data.class_names)
         reports.plot_curves(folder / "curves.png", run.history, run.display, report["best_epoch"])
         reports.plot_confusion(folder / "confusion.png", val_matrix, run.data.class_names,
                                f"{run.display}: validation, best epoch {report['best_epoch']}")
