@@ -32,6 +32,7 @@ RUN useradd --create-home --uid 10001 app
 USER app
 
 EXPOSE 7860
+# /readyz: 200 once every model is loaded and warmed and the queue runs (503 before).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/readyz', timeout=4)"
 CMD ["python", "-m", "serve.app", "--host", "0.0.0.0", "--port", "7860"]

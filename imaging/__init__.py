@@ -1,10 +1,13 @@
 """Image decoding shared by training and serving (Pillow and numpy only, never torch).
 
 Both sides must turn the same file into the same pixels, so the rules live here once:
+- only the raster formats in ``FORMATS`` are opened: PostScript, PDF, SVG and the rest never
+  reach a decoder (Pillow's EPS plugin would start Ghostscript);
+- images above a pixel limit are refused from their header, before decoding;
 - EXIF orientation is applied;
 - animated images use their first frame;
-- every mode becomes 8-bit RGB the same way (see ``to_rgb``);
-- images above a pixel limit are refused from their header, before decoding;
+- every mode becomes 8-bit RGB the same way (see ``to_rgb``), without float or full-size
+  temporary copies, so a decoded image costs about twice its RGB size at most;
 - the model input is the RGB image resized as ``imaging.preprocessing.Preprocessing`` says.
 """
 from __future__ import annotations
@@ -14,14 +17,27 @@ import os
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Refuse anything larger than this before decoding it (a 9,000 x 8,000 photo still passes).
 # It sits below Pillow's own bomb warning (about 89 M pixels), so ours is the check that speaks.
 DEFAULT_MAX_PIXELS = 80_000_000
 # Transparent pixels are composited onto this colour, so RGBA/LA/P images are deterministic.
 BACKGROUND = (255, 255, 255)
+# The formats Pillow may open, by its format names (MPO, the multi-picture JPEG of some
+# cameras, is opened by the JPEG plugin). Everything else is refused before any decoder runs.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+FORMAT_NAMES = "JPEG, PNG, GIF, BMP, WebP or TIFF"
+# What the serving side allows (the app, serve.predict, serve.evaluate). Decoding costs at most
+# about 9 bytes per pixel above the file (a transparent palette PNG: the palette image, its
+# RGBA expansion and the RGB result; measured 175 MB at 20 MP), so 32 M pixels stay under
+# 300 MB per image in flight.
+SERVING_MAX_PIXELS = 32_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Deep greyscale is converted this many pixels at a time: bounded temporary memory.
+_CHUNK_PIXELS = 1 << 20
+# 16-bit value -> 8-bit, rounded as np.rint(x / 257) (never a tie: 257 is odd).
+_DEEP_TO_8BIT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 
 Source = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -37,7 +53,7 @@ def load_rgb(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
     elif isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
         raise ImageError("empty file (0 bytes)")
     try:
-        with Image.open(source) as img:
+        with Image.open(source, formats=FORMATS) as img:
             width, height = img.size  # read from the header; nothing is decoded yet
             if width * height > max_pixels:
                 raise ImageError(
@@ -46,39 +62,66 @@ def load_rgb(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
                 )
             img.seek(0)  # first frame of an animation
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            transpose = _orientation(img)
+            rgb = to_rgb(img)
+        if rgb is not img:
+            img.close()  # frees the decoded original before a transposed copy is made
+        return rgb.transpose(transpose) if transpose is not None else rgb
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image file Pillow can read") from None
+        raise ImageError(f"not an image file in an accepted format ({FORMAT_NAMES})") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise ImageError(f"unreadable image data ({type(exc).__name__}: {exc})") from None
 
 
+def _orientation(img: Image.Image) -> Image.Transpose | None:
+    """The transpose that ImageOps.exif_transpose would apply (it also copies the whole image
+    when there is none; per-pixel conversion and transposing commute, so it is applied last)."""
+    orientation = img.getexif().get(0x0112, 1)
+    return {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}.get(orientation)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, the same way every time.
 
-    - transparency (RGBA, LA, PA, P or L with a transparent colour) is composited over white;
-    - 16- and 32-bit integer greyscale (I;16*, I) is scaled from 0..65535 to 0..255;
+    - transparency (RGBA, LA, PA, P or L with a transparent colour) is composited over white
+      (pasted through the alpha channel: the same pixels as Image.alpha_composite over opaque
+      white, without three full-size RGBA temporaries);
+    - 16- and 32-bit integer greyscale (I;16*, I) is scaled from 0..65535 to 0..255, rounded;
     - float greyscale (F) is read as 0..255 and clipped;
     - everything else (L, 1, CMYK, YCbCr, LAB, HSV, P without transparency) uses Pillow's convert.
     """
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode != "F":
-            arr = arr / 257.0
-        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return _deep_grey_to_l(img).convert("RGB")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba)
+        return out
     return img.convert("RGB")
+
+
+def _deep_grey_to_l(img: Image.Image) -> Image.Image:
+    """I;16*, I or F greyscale as 8-bit L, a block of rows at a time (no float64 image)."""
+    arr = np.asarray(img)
+    grey = np.empty(arr.shape, np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(1, arr.shape[1]))
+    for top in range(0, arr.shape[0], rows):
+        block = arr[top:top + rows]
+        if img.mode == "F":
+            grey[top:top + rows] = np.clip(np.rint(block), 0, 255)
+        else:
+            grey[top:top + rows] = _DEEP_TO_8BIT[np.clip(block, 0, 65535)]
+    return Image.fromarray(grey)  # 2-D uint8: mode L
 
 
 def resize_exact(img: Image.Image, size: tuple[int, int],

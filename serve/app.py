@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 
@@ -24,9 +23,10 @@ import imaging  # noqa: E402
 from common.errors import Failure, UserError, run_cli  # noqa: E402
 from serve.catalog import PRECISIONS, load_catalog  # noqa: E402
 
-MAX_UPLOAD = "50mb"  # larger uploads are refused before they reach the decoder
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # larger uploads are refused before they reach the decoder
 MAX_WAITING = 64  # requests beyond this many waiting in the queue are turned away
 QUEUE_POLL_SECONDS = 0.005
+SHUTDOWN_GRACE_SECONDS = 5  # open connections (the page's event streams) get this long on stop
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,9 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=positive_int, default=1,
                         help="requests classified at the same time; others wait in the queue "
                              "(default: 1, each request already uses every core)")
-    parser.add_argument("--max-pixels", type=positive_int, default=imaging.DEFAULT_MAX_PIXELS,
+    parser.add_argument("--queue-size", type=positive_int, default=MAX_WAITING,
+                        help="requests that may wait for their turn; more are turned away "
+                             f"(default: {MAX_WAITING})")
+    parser.add_argument("--max-pixels", type=positive_int, default=imaging.SERVING_MAX_PIXELS,
                         help="refuse larger images before decoding them "
-                             f"(default: {imaging.DEFAULT_MAX_PIXELS:,})")
+                             f"(default: {imaging.SERVING_MAX_PIXELS:,}: at most about 300 MB per image)")
     return parser.parse_args(argv)
 
 
@@ -68,12 +71,35 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     return run_cli(lambda: serve(parse_args(argv)))
+
+
+def build_app(catalog, args: argparse.Namespace):
+    """The FastAPI app: the HTTP API's routes, with the Gradio page mounted at /."""
+    import gradio as gr
+
+    from serve.gate import Gate
+    from serve.http_api import create_app, mark_ready_when_started
+    from serve.ui import build_demo
+
+    gate = Gate(args.concurrency, args.queue_size)
+    demo = build_demo(catalog, args.max_pixels, gate)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    # Gradio's queue looks for work every 1 ms, idle or busy: about 9% of a core for nothing,
+    # and the wake-ups slow the models of a running request. A 5 ms look costs a request at
+    # most 5 ms of waiting. (A private setting: left alone if Gradio renames it.)
+    if hasattr(getattr(demo, "_queue", None), "sleep_when_free"):
+        demo._queue.sleep_when_free = QUEUE_POLL_SECONDS
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # no web fonts fetched
+    app = create_app(catalog, gate, args.max_pixels, MAX_UPLOAD_BYTES)
+    gr.mount_gradio_app(app, demo, path="", server_name=args.host, server_port=args.port,
+                        max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, mcp_server=False, pwa=False,
+                        theme=theme, run_history=False,  # no history kept
+                        footer_links=["api", "settings"])
+    mark_ready_when_started(app)
+    return app
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -84,29 +110,17 @@ def serve(args: argparse.Namespace) -> int:
     print(f"Loaded {', '.join(p.display_name for p in catalog.predictors)} "
           f"({catalog.precision}) from {catalog.folder}", flush=True)
 
-    import gradio as gr
+    import uvicorn
 
-    from serve.ui import build_demo
-
-    demo = build_demo(catalog, args.max_pixels)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=MAX_WAITING)
-    # Gradio's queue looks for work every 1 ms, idle or busy: about 9% of a core for nothing,
-    # and the wake-ups slow the models of a running request. A 5 ms look costs a request at
-    # most 5 ms of waiting. (A private setting: left alone if Gradio renames it.)
-    if hasattr(getattr(demo, "_queue", None), "sleep_when_free"):
-        demo._queue.sleep_when_free = QUEUE_POLL_SECONDS
-    # A container's PID 1 gets SIGTERM on stop: close the server as Ctrl-C would.
-    signal.signal(signal.SIGTERM, interrupt)
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # no web fonts fetched
+    app = build_app(catalog, args)
+    # uvicorn closes the server on SIGINT and SIGTERM (a container stop) alike.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS))
+    print(f"Serving on http://{args.host}:{args.port} (the HTTP API under /api/v1/)", flush=True)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD,
-                    ssr_mode=False, mcp_server=False, pwa=False, theme=theme,
-                    run_history=False, footer_links=["api", "settings"])  # no history kept
-    except OSError as exc:
-        raise Failure(f"cannot listen on {args.host}:{args.port}: {str(exc).splitlines()[0]}") from None
-    except KeyboardInterrupt:  # stopped while starting; once serving, Gradio handles it
-        demo.close()
+        server.run()
+    except SystemExit:  # uvicorn's way of saying it could not listen, after logging why
+        raise Failure(f"cannot listen on {args.host}:{args.port}") from None
     return 0
 
 

@@ -6,7 +6,9 @@ precision) is read back from the .onnx file's metadata by the Predictor.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +31,44 @@ class Catalog:
     precision: str
     predictors: list[Predictor]
     examples: list[Path] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # model name -> the served file's
 
     @property
     def class_names(self) -> list[str]:
         return self.predictors[0].class_names
+
+    def describe(self) -> list[dict]:
+        """What a client needs to know about each served model (GET /api/v1/models)."""
+        models = []
+        for p in self.predictors:
+            accuracy = float(p.metadata.get("val_accuracy", "nan"))
+            models.append({
+                "name": p.name, "display_name": p.display_name, "precision": p.precision,
+                "class_names": p.class_names, "input_size": list(p.input_size),
+                "sha256": self.sha256.get(p.name),
+                "val_accuracy": None if math.isnan(accuracy) else accuracy,
+            })
+        return models
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def inside(folder: Path, name: str, what: str) -> Path:
+    """``folder / name``, refused unless it stays inside ``folder`` (symlinks resolved): a
+    manifest names files to load and to show every visitor, never others on the machine."""
+    relative = Path(name)
+    target = folder / relative
+    if relative.is_absolute() or ".." in relative.parts or \
+            not target.resolve().is_relative_to(folder.resolve()):
+        raise CatalogError(f"'{folder / 'manifest.json'}' names {what} '{name}' outside "
+                           f"'{folder}'; entries must be paths inside the models folder")
+    return target
 
 
 def read_manifest(folder: Path) -> dict:
@@ -61,19 +97,27 @@ def load_catalog(folder: str | os.PathLike, precision: str = "fp32",
     if not entries:
         hint = " (export them with python -m export.run --quantize int8)" if precision == "int8" else ""
         raise CatalogError(f"no {precision} models listed in '{folder / 'manifest.json'}'{hint}")
+    # Every path (of either precision) is checked before anything is loaded.
+    for e in manifest["models"]:
+        if isinstance(e, dict) and isinstance(e.get("file"), str):
+            inside(folder, e["file"], "the model file")
+    paths = [folder / e["file"] if isinstance(e.get("file"), str) else None for e in entries]
+    examples = [inside(folder, name, "the example") for name in manifest.get("examples", [])
+                if isinstance(name, str)]
+    examples = [path for path in examples if path.is_file()]
     predictors = []
-    for entry in entries:
-        if not isinstance(entry.get("file"), str):
+    for entry, path in zip(entries, paths):
+        if path is None:
             raise CatalogError(f"a model entry in '{folder / 'manifest.json'}' has no \"file\"")
         try:
-            predictor = Predictor(folder / entry["file"], threads=threads)
+            predictor = Predictor(path, threads=threads)
             # One run at start: a file that loads but cannot run fails here, not on a user's
             # request, and the first request does not pay for ONNX Runtime's lazy set-up.
             predictor.predict(Image.new("RGB", predictor.input_size[::-1]))
         except ModelFileError as exc:
             raise CatalogError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any ONNX Runtime failure is a bad model file
-            raise CatalogError(f"'{folder / entry['file']}' cannot run: "
+            raise CatalogError(f"'{path}' cannot run: "
                                f"{str(exc).splitlines()[0][:200]}") from None
         if predictor.precision != precision:
             raise CatalogError(f"'{predictor.path}' is {predictor.precision}, "
@@ -84,6 +128,5 @@ def load_catalog(folder: str | os.PathLike, precision: str = "fp32",
         if other.class_names != first.class_names:
             raise CatalogError(f"models disagree on class names: {first.name} has {first.class_names}, "
                                f"{other.name} has {other.class_names}")
-    examples = [folder / name for name in manifest.get("examples", [])
-                if isinstance(name, str) and (folder / name).is_file()]
-    return Catalog(folder, precision, predictors, examples)
+    return Catalog(folder, precision, predictors, examples,
+                   {p.name: file_sha256(p.path) for p in predictors})

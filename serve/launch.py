@@ -18,6 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class AppUrl(str):
+    """The app's URL, carrying its process (``.process``) for callers that watch it."""
+
+    process: subprocess.Popen
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
@@ -51,22 +57,25 @@ def stop(process: subprocess.Popen, grace: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def running_app(models: str | os.PathLike, *args: str, port: int | None = None, timeout: float = 180):
-    """Yield the URL of a fresh app serving ``models``; stop it (and show its log if it failed)."""
+def running_app(models: str | os.PathLike, *args: str, port: int | None = None, timeout: float = 180,
+                env: dict | None = None):
+    """Yield the URL of a fresh app serving ``models`` (an AppUrl) once /readyz answers 200;
+    stop it (and show its log if it failed). ``env`` adds to the child's environment."""
     port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = AppUrl(f"http://127.0.0.1:{port}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", **(env or {})}
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "serve.app", "--models", str(models), "--port", str(port), *args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             try:
-                wait_until_up(url + "/", process, timeout)
+                wait_until_up(url + "/readyz", process, timeout)
             except (RuntimeError, TimeoutError) as exc:
                 log.seek(0)
                 raise RuntimeError(f"{exc}; its output:\n{log.read()[-3000:]}") from None
+            url.process = process
             yield url
         finally:
             stop(process)

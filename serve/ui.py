@@ -1,22 +1,51 @@
 """The Gradio page and its API: one image in, every model's answer side by side.
 
 ``classify`` is the API (``/classify``): it takes the uploaded file's path, decodes it with
-imaging.load_rgb (the same checks as training: pixel limit before decoding, first frame, any
-mode to RGB) and returns one plain dict per model. The page shows that result in a collapsed
-"API result" box and then draws the model columns from it in a second, unqueued step.
+imaging.load_rgb (the same checks as training: allowed formats, pixel limit before decoding,
+first frame, any mode to RGB) and returns one plain dict per model. The page shows that result
+in a collapsed "API result" box and then draws the model columns from it in a second, unqueued
+step. The HTTP API (serve/http_api.py) calls the same ``classify_source``.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import anyio
 import gradio as gr
 
 import imaging
 from serve.catalog import Catalog
+from serve.gate import Gate
 
 log = logging.getLogger("serve")
 TITLE = "ResNet-34 variants side by side"
 UPLOAD_CACHE_SECONDS = 3600  # uploaded files are deleted after an hour
+NO_IMAGE = "Choose an image first (upload, paste or take a photo)."
+
+
+class ClassifyError(Exception):
+    """A request that gets no result: ``status`` 400 for the client's file, 500 for ours."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def upload_cache() -> Path:
+    """Where Gradio keeps uploaded files (and its copies of the examples)."""
+    return Path(gr.utils.get_upload_folder())
+
+
+def foreign_file(path: str) -> str | None:
+    """Why ``path`` (from a /classify payload) is not an uploaded file, or None if it is one."""
+    if "://" in path or path.startswith("data:"):
+        return "only uploaded files are accepted, not URLs"
+    try:
+        inside = Path(path).resolve().is_relative_to(upload_cache().resolve())
+    except (OSError, ValueError):
+        inside = False
+    return None if inside else "only uploaded files are accepted, not paths on the server"
 
 
 def uploaded_file(payload: dict | None) -> str | None:
@@ -24,27 +53,34 @@ def uploaded_file(payload: dict | None) -> str | None:
 
     The Classify event runs with preprocess=False: Gradio's own image conversion would open
     the file first and fail on non-images with an unreadable error, so one decoder,
-    imaging.load_rgb, checks every file and words every refusal.
+    imaging.load_rgb, checks every file and words every refusal. A payload naming anything but
+    a file in the upload cache is refused (serve/guard.py stops URLs before Gradio sees them).
     """
-    return payload.get("path") if payload else None
+    path = payload.get("path") if payload else None
+    if path is not None:
+        problem = foreign_file(str(path))
+        if problem:
+            raise gr.Error(f"Cannot classify this file: {problem}.", print_exception=False)
+    return path
 
 
-def classify_image(catalog: Catalog, source, max_pixels: int) -> list[dict]:
-    """Every model's answer for one image file (path or bytes), in the catalog's order."""
+def classify_source(catalog: Catalog, source, max_pixels: int) -> list[dict]:
+    """Every model's answer for one image file (path, bytes or file object), in the catalog's
+    order; ClassifyError with the readable reason when there is none."""
     if source is None:
-        raise gr.Error("Choose an image first (upload, paste or take a photo).", print_exception=False)
+        raise ClassifyError(NO_IMAGE)
     try:
         image = imaging.load_rgb(source, max_pixels)
     except (imaging.ImageError, OSError) as exc:
-        raise gr.Error(f"Cannot classify this file: {exc}.", print_exception=False) from None
+        raise ClassifyError(f"Cannot classify this file: {exc}.") from None
     results = []
     for model in catalog.predictors:
         try:
             prediction = model.predict(image)
         except Exception:  # noqa: BLE001 - log it here, tell the user one line
             log.exception("%s failed", model.name)
-            raise gr.Error(f"{model.display_name} failed on this image; see the server log.",
-                           print_exception=False) from None
+            raise ClassifyError(f"{model.display_name} failed on this image; see the server log.",
+                                status=500) from None
         results.append({
             "model": model.name,
             "display_name": model.display_name,
@@ -54,6 +90,14 @@ def classify_image(catalog: Catalog, source, max_pixels: int) -> list[dict]:
             "milliseconds": round(prediction.milliseconds, 3),
         })
     return results
+
+
+def classify_image(catalog: Catalog, source, max_pixels: int) -> list[dict]:
+    """``classify_source`` for the page: refusals become gr.Error, shown as they are worded."""
+    try:
+        return classify_source(catalog, source, max_pixels)
+    except ClassifyError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
 
 
 def verdict(results: list[dict], precision: str) -> str:
@@ -69,12 +113,16 @@ def verdict(results: list[dict], precision: str) -> str:
     return f"{text} ({precision.upper()} models)"
 
 
-def build_demo(catalog: Catalog, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> gr.Blocks:
+def build_demo(catalog: Catalog, max_pixels: int = imaging.SERVING_MAX_PIXELS,
+               gate: Gate | None = None) -> gr.Blocks:
     models = catalog.predictors
     classes = catalog.class_names
+    gate = gate or Gate(limit=1, max_waiting=64)
 
-    def classify(image_payload):
-        return classify_image(catalog, uploaded_file(image_payload), max_pixels)
+    async def classify(image_payload):
+        source = uploaded_file(image_payload)
+        async with gate.slot():  # shared with the HTTP API
+            return await anyio.to_thread.run_sync(classify_image, catalog, source, max_pixels)
 
     def show(results):
         values = [verdict(results, catalog.precision)]

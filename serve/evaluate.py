@@ -1,0 +1,203 @@
+"""``python -m serve.evaluate``: how good are the exported models on labelled images?
+
+    python -m serve.evaluate data/                       # ImageFolder (its test/ or val/ split if made)
+    python -m serve.evaluate images/ --labels-csv labels.csv --out eval/
+    python -m serve.evaluate data/ --split val --precision int8
+
+Every served model of every exported precision (or --precision) classifies the images, in
+batches, with the app's decoding and preprocessing. Written to --out: report.json,
+report.md, and a confusion-matrix PNG per model and precision: accuracy, macro-F1 (over the
+classes present in the data), per-class precision/recall/F1, the top-1 agreement of every
+pair of models, and of each INT8 file with its FP32 twin. Class names are matched by name;
+a label the models do not know is a user mistake (exit code 2). Torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+import imaging
+from common.errors import UserError, run_cli
+from common.files import atomic_write, write_json, write_text
+from serve.batch import Progress, classify_files, default_batch_size, default_workers, model_key
+from serve.catalog import PRECISIONS, CatalogError, load_catalog
+from serve.dataset import SPLITS, index_csv, index_folder
+from serve.predict import positive_int
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("data", metavar="DATA",
+                        help="ImageFolder root, or with --labels-csv the folder its file names are in")
+    parser.add_argument("--labels-csv", help="CSV with columns filename,label")
+    parser.add_argument("--split", choices=SPLITS,
+                        help="pre-made split folder to use (default: test, else val, if made)")
+    parser.add_argument("--models", default="models", help="folder with manifest.json (default: models)")
+    parser.add_argument("--precision", choices=(*PRECISIONS, "all"), default="all",
+                        help="which exported models (default: all that were exported)")
+    parser.add_argument("--out", default="evaluation", help="report folder (default: evaluation)")
+    parser.add_argument("--batch-size", type=positive_int, default=default_batch_size())
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="decoding processes, 0 to decode in this one")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return run_cli(lambda: evaluate(parse_args(argv)))
+
+
+def load_models(folder: str, precision: str):
+    """The predictors of the chosen precision(s), FP32 first."""
+    if precision != "all":
+        return load_catalog(folder, precision).predictors
+    predictors = load_catalog(folder, "fp32").predictors
+    try:
+        predictors += load_catalog(folder, "int8").predictors
+    except CatalogError as exc:
+        if "no int8 models" not in str(exc):
+            raise
+    return predictors
+
+
+def metrics(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, macro-F1 over the classes present, per-class figures, the confusion matrix."""
+    n = len(class_names)
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    per_class, f1s = {}, []
+    for k, name in enumerate(class_names):
+        tp, support, claimed = confusion[k, k], confusion[k].sum(), confusion[:, k].sum()
+        precision = tp / claimed if claimed else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if support:
+            f1s.append(f1)
+            per_class[name] = {"precision": float(precision), "recall": float(recall),
+                               "f1": float(f1), "support": int(support)}
+    return {"accuracy": float((truth == predicted).mean()), "macro_f1": float(np.mean(f1s)),
+            "per_class": per_class, "confusion": confusion.tolist()}
+
+
+def draw_confusion(confusion: list[list[int]], class_names: list[str], title: str, path: Path) -> None:
+    """Rows: true class, columns: predicted; darker is more (drawn with Pillow alone)."""
+    matrix = np.asarray(confusion)
+    font = ImageFont.load_default(size=14)
+    cell = 56
+    label_width = max(int(font.getlength(c)) for c in class_names) + 16
+    left, top = label_width + 24, 64
+    size = (left + cell * len(class_names) + 16, top + cell * len(class_names) + label_width + 24)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 8), title, fill="black", font=font)
+    draw.text((left, top - 22), "predicted ->", fill="black", font=font)
+    row_totals = matrix.sum(1, keepdims=True).clip(min=1)
+    for i, name in enumerate(class_names):
+        draw.text((8, top + i * cell + cell // 2 - 8), name, fill="black", font=font)
+        for j in range(len(class_names)):
+            share = matrix[i, j] / row_totals[i, 0]
+            shade = int(255 - 200 * share)
+            box = (left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2)
+            draw.rectangle(box, fill=(shade, shade, 255))
+            text = str(matrix[i, j])
+            draw.text((box[0] + (cell - font.getlength(text)) / 2, box[1] + cell / 2 - 9), text,
+                      fill="white" if share > 0.6 else "black", font=font)
+    columns = Image.new("RGB", (label_width, cell * len(class_names)), "white")
+    column_draw = ImageDraw.Draw(columns)
+    for j, name in enumerate(class_names):
+        column_draw.text((4, j * cell + cell // 2 - 8), name, fill="black", font=font)
+    image.paste(columns.rotate(90, expand=True), (left, top + cell * len(class_names) + 8))
+    with atomic_write(path) as tmp:
+        image.save(tmp, "PNG")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    if args.labels_csv:
+        labelled = index_csv(Path(args.labels_csv), data)
+    else:
+        labelled = index_folder(data, args.split)
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    predictors = load_models(args.models, args.precision)
+    class_names = predictors[0].class_names
+    unknown = sorted(set(labelled.class_names) - set(class_names))
+    if unknown:
+        raise UserError(f"label(s) {', '.join(unknown)} in '{labelled.where}' are not classes of the "
+                        f"models ({', '.join(class_names)})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label_of = dict(labelled.samples)
+    paths = [path for path, _ in labelled.samples]
+    print(f"Evaluating {', '.join(f'{p.display_name} {p.precision}' for p in predictors)} on "
+          f"{len(paths)} image(s) of {labelled.where}", file=sys.stderr, flush=True)
+    used, predicted, failures = [], {model_key(p): [] for p in predictors}, list(labelled.missing)
+    progress = Progress(len(paths))
+    for batch in classify_files(paths, predictors, args.batch_size, args.workers,
+                                imaging.SERVING_MAX_PIXELS, progress):
+        used += batch.paths
+        for key, probs in batch.probabilities.items():
+            predicted[key] += probs.argmax(1).tolist()
+        failures += batch.failures
+    progress.close()
+    if not used:
+        raise UserError(f"none of the {len(paths)} image(s) in '{labelled.where}' could be used")
+    truth = np.array([class_names.index(label_of[p]) for p in used])
+    report = {"data": labelled.where, "split": labelled.split, "images": len(used),
+              "class_names": class_names, "unusable": [{"path": p, "reason": r} for p, r in failures],
+              "models": [], "agreement": [], "int8_vs_fp32": []}
+    for p in predictors:
+        key = model_key(p)
+        result = {"name": p.name, "display_name": p.display_name, "precision": p.precision,
+                  "file": p.path.name, **metrics(truth, np.array(predicted[key]), class_names),
+                  "confusion_png": f"confusion_{key}.png"}
+        draw_confusion(result["confusion"], class_names,
+                       f"{p.display_name} ({p.precision}): accuracy {result['accuracy']:.1%}",
+                       out / result["confusion_png"])
+        report["models"].append(result)
+    for a, b in combinations(predictors, 2):
+        agree = float(np.mean(np.array(predicted[model_key(a)]) == np.array(predicted[model_key(b)])))
+        pair = {"a": model_key(a), "b": model_key(b), "top1_agreement": agree}
+        twins = a.name == b.name and {a.precision, b.precision} == {"fp32", "int8"}
+        report["int8_vs_fp32" if twins else "agreement"].append(pair)
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", markdown(report))
+    for path, reason in failures:
+        print(f"  unusable: {path}: {reason}", file=sys.stderr)
+    best = max(report["models"], key=lambda m: m["accuracy"])
+    print(f"Wrote {out / 'report.md'}: {len(used)} image(s), best accuracy {best['accuracy']:.1%} "
+          f"({best['display_name']} {best['precision']})", file=sys.stderr)
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Evaluation of the exported models", "",
+             f"Data: `{report['data']}`" + (f" (split `{report['split']}`)" if report["split"] else "")
+             + f", {report['images']} image(s) used, {len(report['unusable'])} unusable.", "",
+             "| model | precision | accuracy | macro-F1 | confusion matrix |", "|---|---|---:|---:|---|"]
+    for m in report["models"]:
+        lines.append(f"| {m['display_name']} | {m['precision']} | {m['accuracy']:.4f} | "
+                     f"{m['macro_f1']:.4f} | [{m['confusion_png']}]({m['confusion_png']}) |")
+    for title, pairs in (("Top-1 agreement between models", report["agreement"]),
+                         ("INT8 files against their FP32 twins", report["int8_vs_fp32"])):
+        if pairs:
+            lines += ["", f"## {title}", "", "| a | b | top-1 agreement |", "|---|---|---:|"]
+            lines += [f"| {p['a']} | {p['b']} | {p['top1_agreement']:.4f} |" for p in pairs]
+    lines += ["", "## Per class", ""]
+    for m in report["models"]:
+        lines += [f"### {m['display_name']} ({m['precision']})", "",
+                  "| class | precision | recall | F1 | images |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+                  for c, v in m["per_class"].items()]
+        lines.append("")
+    if report["unusable"]:
+        lines += ["## Unusable files", ""] + [f"- `{u['path']}`: {u['reason']}" for u in report["unusable"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
