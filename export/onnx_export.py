@@ -1,7 +1,8 @@
 """Checkpoint -> standalone ONNX file: softmax in the graph, everything an app needs in metadata.
 
-The file has one input ``image`` (float32, N x 3 x H x W, N dynamic) and two outputs,
-``logits`` and ``probabilities``. Its ``metadata_props`` carry the class names, the
+The file has one input ``image`` (float32, N x 3 x H x W, N dynamic) and three outputs,
+``logits`` and ``probabilities`` (N x classes) and ``heatmaps`` (N x classes x h x w: every
+class's Grad-CAM map on the last stage, computed in the graph; see training.layers.GradCam). Its ``metadata_props`` carry the class names, the
 preprocessing spec under timm's ``pretrained_cfg`` names (``input_size`` as [3, H, W],
 ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``, plus the rule in words,
 ``resize``) and the architecture spec (see METADATA_KEYS), so any app can use it with nothing else.
@@ -23,12 +24,13 @@ from torch import nn
 from common.errors import Failure
 from imaging import preprocessing
 from training.checkpoint import architecture_of, preprocessing_of, rebuild_model
+from training.models import HEATMAP_LAYER
 
 DEFAULT_OPSET = 18
-INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
+INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities", "heatmaps")
 METADATA_KEYS = (
     "class_names", *preprocessing.METADATA_KEYS, "architecture", "architecture_spec",
-    "display_name", "training_run", "val_accuracy", "checkpoint_sha256", "torch_version", "onnx_version",
+    "display_name", "heatmap_layer", "heatmap_size", "training_run", "val_accuracy", "checkpoint_sha256", "torch_version", "onnx_version",
     "exported_at", "precision",
 )
 
@@ -37,14 +39,16 @@ class ExportError(Failure):
     """An export that cannot be completed, with a one-line reason."""
 
 
-class WithProbabilities(nn.Module):
+class Exported(nn.Module):
+    """What the file computes: logits, their softmax, and every class's Grad-CAM heatmap."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, image: torch.Tensor):
-        logits = self.model(image)
-        return logits, torch.softmax(logits, dim=1)
+        logits, heatmaps = self.model.classify_and_explain(image)
+        return logits, torch.softmax(logits, dim=1), heatmaps
 
 
 def sha256_of(path: Path) -> str:
@@ -56,20 +60,30 @@ def sha256_of(path: Path) -> str:
 
 
 def exportable(model: nn.Module) -> nn.Module:
-    """The eval-mode graph to export: the model's export form (fast Mish), softmax added."""
-    return WithProbabilities(model.export_form()).eval()
+    """The eval-mode graph to export: the model's export form (fast Mish), softmax and
+    heatmaps added."""
+    return Exported(model.export_form()).eval()
+
+
+def heatmap_size(model: nn.Module, input_size: tuple[int, int]) -> list[int]:
+    """[h, w] of the heatmaps (the last stage's output) for an input of ``input_size``."""
+    with torch.no_grad():
+        return list(model.eval().features(torch.zeros(1, 3, *input_size)).shape[2:])
 
 
 def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32",
                  training_run: str = "single") -> dict[str, str]:
     """``training_run``: which run of the study the checkpoint is (seed-68, fold-2, single)."""
     arch = architecture_of(ckpt)
+    spec = preprocessing_of(ckpt)
     return {
         "class_names": json.dumps(ckpt["class_names"]),
-        **preprocessing_of(ckpt).to_metadata(),
+        **spec.to_metadata(),
         "architecture": ckpt["architecture"],
         "architecture_spec": json.dumps(arch.to_dict()),
         "display_name": arch.display_name,
+        "heatmap_layer": HEATMAP_LAYER,
+        "heatmap_size": json.dumps(heatmap_size(rebuild_model(ckpt), spec.input_size)),
         "training_run": training_run,
         "val_accuracy": f"{ckpt.get('val_accuracy', float('nan')):.6f}",
         "checkpoint_sha256": checkpoint_sha256,

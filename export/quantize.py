@@ -10,8 +10,8 @@ The recipe (each choice measured with benchmarks/inference.py; see benchmarks/RE
   served anywhere, and 7-bit weights agreed with FP32 as well as 8-bit ones.
 - Quantized: convolutions, max-pooling, the residual additions, the SE blocks' means and
   channel scaling. Kept float32: the SE gate (a few hundred numbers per block), the final
-  pooling, the classifier head and the softmax (logits and probabilities keep full
-  precision), and the modified model's stem (a 3-channel convolution, faster in float,
+  pooling, the classifier head, the softmax and the Grad-CAM heatmaps (logits,
+  probabilities and heatmaps keep full precision), and the modified model's stem (a 3-channel convolution, faster in float,
   feeding the pooled Mish).
 - Mish between integer layers: as float32 operators (Exp, Div, ...) it cost more than the
   convolutions around it. Its input and output are 8-bit anyway, so it becomes
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from scipy import stats
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                       QuantType, quantize_static)
@@ -38,7 +39,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from common.errors import Failure
 from export.onnx_export import INPUT_NAME, set_metadata
-from training.layers import ExpMish, PooledMish, SqueezeExcite
+from training.layers import ExpMish, GradCam, PooledMish, SqueezeExcite
 
 CALIBRATION_IMAGES = 256  # the most training images calibration reads
 CALIBRATION_BATCH = 16
@@ -47,7 +48,7 @@ CALIBRATION_BATCH = 16
 QUANTIZED_OPS = ["Conv", "Relu", "MaxPool", "Add", "Mul", "GlobalAveragePool"]
 HIERARCHY = "pkg.torch.onnx.class_hierarchy"  # the exporter's metadata: a node's modules
 # Modules whose nodes quantize_static leaves float.
-FLOAT_MODULES = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in (ExpMish, PooledMish))
+FLOAT_MODULES = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in (ExpMish, PooledMish, GradCam))
 # mish(x) = x * tanh(softplus(x)) ~ x * (sum of w * sigmoid(a x + b) over (w, a, b) terms):
 # minimax fits on [-10, 10], the first one used that a layer's calibrated range allows (see
 # mish_lookup_tables). Two terms are off by at most 0.007, a fifth of a step of an 8-bit
@@ -258,15 +259,16 @@ def compare(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray,
             batch_size: int = CALIBRATION_BATCH) -> dict:
     """How far INT8 strays from FP32 on labelled images: top-1 agreement and both accuracies."""
     def predict(session):
-        probs = [session.run(["probabilities"], {INPUT_NAME: images[i:i + batch_size]})[0]
-                 for i in range(0, len(images), batch_size)]
-        return np.concatenate(probs) if probs else np.empty((0, 0), np.float32)
+        outputs = [session.run(["probabilities", "heatmaps"], {INPUT_NAME: images[i:i + batch_size]})
+                   for i in range(0, len(images), batch_size)]
+        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
     n = len(images)
     if n == 0:
         return {"images": 0, "top1_agreement": None, "fp32_accuracy": None, "int8_accuracy": None,
-                "accuracy_drop": None, "max_abs_probability_diff": None}
-    fp32, int8 = predict(fp32_session), predict(int8_session)
+                "accuracy_drop": None, "max_abs_probability_diff": None, "heatmap_correlation": None,
+                "heatmap_correlation_target": HEATMAP_CORRELATION_TARGET}
+    (fp32, fp32_maps), (int8, int8_maps) = predict(fp32_session), predict(int8_session)
     fp32_top, int8_top = fp32.argmax(1), int8.argmax(1)
     fp32_acc, int8_acc = float((fp32_top == labels).mean()), float((int8_top == labels).mean())
     return {
@@ -276,4 +278,21 @@ def compare(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray,
         "int8_accuracy": int8_acc,
         "accuracy_drop": fp32_acc - int8_acc,
         "max_abs_probability_diff": float(np.abs(fp32 - int8).max()),
+        "heatmap_correlation": heatmap_correlation(fp32_maps, int8_maps, fp32_top),
+        "heatmap_correlation_target": HEATMAP_CORRELATION_TARGET,
     }
+
+
+HEATMAP_CORRELATION_TARGET = 0.9
+
+
+def heatmap_correlation(fp32_maps: np.ndarray, int8_maps: np.ndarray, top: np.ndarray) -> float | None:
+    """Mean Pearson correlation of the INT8 and FP32 heatmaps of FP32's top class (None where a
+    map has a single cell, or images whose maps are constant, leave nothing to correlate)."""
+    rows = np.arange(len(top))
+    a = fp32_maps[rows, top].reshape(len(top), -1)
+    b = int8_maps[rows, top].reshape(len(top), -1)
+    usable = (a.std(1) > 0) & (b.std(1) > 0)
+    if a.shape[1] < 2 or not usable.any():
+        return None
+    return float(np.mean([stats.pearsonr(x, y).statistic for x, y in zip(a[usable], b[usable])]))

@@ -165,7 +165,9 @@ def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_d
     val = report["validation"]
     summary = "no validation images" if not val["images"] else (
         f"top-1 agreement {val['top1_agreement']:.1%}, accuracy FP32 {val['fp32_accuracy']:.1%} "
-        f"-> INT8 {val['int8_accuracy']:.1%} on {val['images']} validation images")
+        f"-> INT8 {val['int8_accuracy']:.1%} on {val['images']} validation images"
+        + ("" if val["heatmap_correlation"] is None else
+           f", heatmap correlation {val['heatmap_correlation']:.3f}"))
     print(f"{name}: INT8 {summary}" + ("" if meets else " (below the targets)"), flush=True)
     return {**{k: v for k, v in entry.items() if k != "parity"}, "file": out_path.name,
             "precision": "int8", "exported_at": metadata["exported_at"],
@@ -204,6 +206,9 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
         "architecture_spec": json.loads(meta["architecture_spec"]),
         "class_names": json.loads(meta["class_names"]),
         "preprocessing": Preprocessing.from_metadata(meta).to_dict(),
+        "outputs": {"logits": "N x classes", "probabilities": "N x classes",
+                    "heatmaps": f"N x classes x {' x '.join(map(str, json.loads(meta['heatmap_size'])))}"},
+        "heatmap_layer": meta["heatmap_layer"], "heatmap_size": json.loads(meta["heatmap_size"]),
         "val_accuracy": float(meta["val_accuracy"]),
         "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
         "parity": report.as_dict(),

@@ -1,6 +1,7 @@
 """ONNX export: parity with PyTorch (including BN statistics), file facts, metadata, manifest and
 clean failures."""
 import datetime
+import os
 import hashlib
 import json
 import shutil
@@ -19,7 +20,7 @@ from training.layers import ExpMish, PooledMish
 from export.run import validation_images
 from serve.predictor import create_session
 from training import checkpoint
-from training.models import ARCHITECTURES, MODEL_NAMES
+from training.models import ARCHITECTURES, MODEL_NAMES, create_model
 
 
 def _sha256(path) -> str:
@@ -67,6 +68,7 @@ def test_parity_with_pytorch(trained_run, exported_models, val_images, name):
     assert recorded["image_inputs"] == len(val_images) and recorded["random_inputs"] >= 32
     assert 1 in recorded["batch_sizes"] and any(b > 1 and b % 2 for b in recorded["batch_sizes"])
     assert recorded["max_abs_logit_diff"] <= 1e-4 and recorded["max_abs_probability_diff"] <= 1e-5
+    assert recorded["max_relative_heatmap_diff"] <= 1e-4
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -83,6 +85,51 @@ def test_a_graph_without_the_bn_statistics_would_fail(trained_run, exported_mode
     assert report.max_abs_logit_diff > parity.MAX_LOGIT_DIFF
 
 
+def _scrambled(name: str, classes: int = 4) -> torch.nn.Module:
+    """A model whose BatchNorm layers are far from the identity (statistics and affine), so no
+    closed-form shortcut hides behind trivial values, and whose head's BatchNorm1d puts values
+    on both sides of the LeakyReLU."""
+    torch.manual_seed(3)
+    model = create_model(name, classes)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.8, 1.2)
+                module.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_heatmaps_equal_autograd_gradcam_at_224_like_shapes(name, tmp_path):
+    from export.onnx_export import export_model
+
+    size = 96  # a 3 x 3 map: cells that differ, at a fraction of 224 px's cost
+    model = _scrambled(name)
+    spec = Preprocessing(input_size=(size, size))
+    ckpt = checkpoint.model_record(name, model, ["a", "b", "c", "d"], spec)
+    path = tmp_path / f"{name}.onnx"
+    os.replace(export_model(ckpt, "test", path), path)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((9, 3, size, size)).astype(np.float32)
+    report = parity.check_parity(model, create_session(path), images, random_inputs=4, batch_sizes=(1, 5))
+    assert report.passed, report.summary()
+    assert report.max_relative_heatmap_diff <= parity.MAX_HEATMAP_DIFF
+    _, reference = parity.autograd_gradcam(model, torch.from_numpy(images))
+    assert reference.shape == (9, 4, 3, 3) and float(reference.max()) > 0
+    assert (reference.flatten(2).max(2).values > reference.flatten(2).min(2).values).any()  # not flat
+    if ARCHITECTURES[name].head_width:  # the LeakyReLU's negative side is exercised
+        with torch.no_grad():
+            z = model.fc[1](model.fc[0](torch.flatten(model.avgpool(model.features(torch.from_numpy(images))), 1)))
+        assert (z < 0).any() and (z > 0).any()
+    # The check bites: maps of a head without its BatchNorm scale differ far beyond the bound.
+    session = create_session(path)
+    onnx_maps = session.run(["heatmaps"], {INPUT_NAME: images})[0]
+    wrong = reference.numpy() * 1.01
+    assert parity.relative_heatmap_diff(onnx_maps, wrong) > parity.MAX_HEATMAP_DIFF
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_onnx_file_facts(trained_run, exported_models, name):
     path = exported_models / f"{name}.onnx"
@@ -94,10 +141,11 @@ def test_onnx_file_facts(trained_run, exported_models, name):
     batch, *rest = image.type.tensor_type.shape.dim
     assert batch.dim_param and not batch.dim_value  # dynamic batch
     assert [d.dim_value for d in rest] == [3, TINY_SIZE, TINY_SIZE]
-    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES) == ["logits", "probabilities"]
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES) == ["logits", "probabilities", "heatmaps"]
     for output in proto.graph.output:
         dims = output.type.tensor_type.shape.dim
         assert dims[0].dim_param and dims[1].dim_value == 5
+    heatmap_dims = [d.dim_value for d in proto.graph.output[2].type.tensor_type.shape.dim[2:]]
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
 
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -115,6 +163,7 @@ def test_onnx_file_facts(trained_run, exported_models, name):
     assert meta["architecture"] == name
     assert meta["display_name"] == ARCHITECTURES[name].display_name
     assert json.loads(meta["architecture_spec"]) == ARCHITECTURES[name].to_dict()
+    assert meta["heatmap_layer"] == "layer4" and json.loads(meta["heatmap_size"]) == heatmap_dims == [1, 1]
     assert float(meta["val_accuracy"]) == pytest.approx(ckpt["val_accuracy"], abs=1e-6)
     assert meta["checkpoint_sha256"] == _sha256(ckpt_path)
     assert meta["torch_version"] == torch.__version__ and meta["onnx_version"] == onnx.__version__

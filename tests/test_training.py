@@ -325,7 +325,7 @@ def test_a_run_with_a_test_split_reports_test_metrics(spied_run):
     assert report["test_accuracy"] == pytest.approx(accuracy)
     assert sum(c["support"] for c in report["test_per_class"].values()) == len(splits["test"])
     table = (run_dir / "comparison.md").read_text()
-    assert "test acc" in table and f"{report['test_accuracy']:.4f}" in table
+    assert "## Test" in table and f"{report['test_accuracy']:.4f}" in table.split("## Test")[1]
 
 
 @pytest.mark.parametrize("name", EASY_MODELS)
@@ -641,11 +641,17 @@ def test_report_json(trained_run):
 
 def test_comparison_lists_the_models(trained_run):
     text = (trained_run / "comparison.md").read_text()
+    validation, training = text.split("## Validation")[1], text.split("## Training")[1]
     for name in MODEL_NAMES:
         display = ARCHITECTURES[name].display_name
-        row = next(line for line in text.splitlines() if line.startswith(f"| {display} |"))
+        report = json.loads((trained_run / name / "report.json").read_text())
+        row = next(line for line in validation.splitlines() if line.startswith(f"| {display} |"))
+        assert f"{report['val_accuracy']:.4f}" in row and f"{report['val_loss']:.4f}" in row
+        row = next(line for line in training.splitlines() if line.startswith(f"| {display} |"))
         assert f"{EXPECTED_PARAMETERS[name]:,}" in row
-    assert "val acc" in text and "train loss" in text
+    # One run: Wilson intervals and a McNemar test per pair, one sentence each.
+    assert "Wilson" in text and text.count("McNemar exact test") == 3
+    assert len([line for line in validation.splitlines() if line.startswith("- ")]) == 3
 
 
 def test_parameter_count_in_the_report_is_the_models(trained_run):

@@ -80,6 +80,39 @@ def mlp_head(in_features: int, width: int, num_classes: int, *, dropout: float,
     )
 
 
+class GradCam(nn.Module):
+    """Grad-CAM (Selvaraju et al., 2017, "Grad-CAM: Visual Explanations from Deep Networks via
+    Gradient-based Localization") of every class on a feature map A (N x K x h x w), in closed
+    form, so an exported graph computes it without autograd: ReLU(sum_k alpha_ck A_k) with
+    alpha_ck the spatial mean of d logit_c / d A_k.
+
+    After global average pooling, d logit_c / d A_k(i, j) = G_ck / (h w), where G = d logits /
+    d pooled is W for a Linear head and W2 diag(LeakyReLU'(z)) diag(gamma / sqrt(var + eps)) W1
+    for the modified head in eval mode (BatchNorm1d with running statistics, Dropout as the
+    identity), with z = BatchNorm1d(W1 pooled + b1) from the same forward pass.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def logit_gradients(self, pooled: torch.Tensor) -> torch.Tensor:
+        """d logits / d pooled features: N x classes x K."""
+        if isinstance(self.head, nn.Linear):
+            return self.head.weight.expand(pooled.shape[0], -1, -1)
+        first, norm, act, _dropout, last = self.head
+        z = norm(first(pooled))
+        slope = torch.where(z > 0, torch.ones_like(z), torch.full_like(z, act.negative_slope))
+        scale = slope * (norm.weight / torch.sqrt(norm.running_var + norm.eps))  # N x J
+        return torch.matmul(last.weight[None] * scale[:, None, :], first.weight)
+
+    def forward(self, features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        n, k, h, w = features.shape
+        weights = self.logit_gradients(pooled) / (h * w)  # alpha: N x classes x K
+        cam = torch.matmul(weights, features.reshape(n, k, h * w))
+        return torch.relu(cam).reshape(n, -1, h, w)
+
+
 # --- the exported forms ---------------------------------------------------------------------------
 
 class ExpMish(nn.Module):

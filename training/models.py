@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from training.layers import ACTIVATIONS, BasicBlock, PooledMish, make_activation, mlp_head, swap_mish
+from training.layers import (ACTIVATIONS, BasicBlock, GradCam, PooledMish, make_activation, mlp_head,
+                             swap_mish)
 
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (channels, blocks, first stride)
+HEATMAP_LAYER = "layer4"  # where Grad-CAM looks: the last stage's output
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,19 @@ class ResNet34Variant(nn.Module):
     def head_parameter_names(self) -> set[str]:
         return {f"fc.{name}" for name, _ in self.fc.named_parameters()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output (``HEATMAP_LAYER``): N x 512 x h x w."""
         x = self.maxpool(self.act(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    def classify_and_explain(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, Grad-CAM heatmaps of every class: N x classes x h x w), in eval mode."""
+        features = self.features(x)
+        pooled = torch.flatten(self.avgpool(features), 1)
+        return self.fc(pooled), GradCam(self.fc)(features, pooled)
 
     def export_form(self) -> "ResNet34Variant":
         """An eval-mode copy computing the same function with the operators it is exported in:

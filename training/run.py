@@ -16,6 +16,7 @@ from common.errors import run_cli
 from common.files import write_json
 from training import distributed, transfer
 from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config, to_dict
+from training.attention import write_heatmaps
 from training.comparison import write_comparison
 from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
 from training.study import members
@@ -130,6 +131,7 @@ def train(argv: list[str] | None = None) -> int:
                 train_model(name, member_config, member_data, member.folder(run_dir, name), world, device)
         if world.is_main:
             sizes = ", ".join(f"{n} {len(s)}" for n, s in data.splits.items())
+            write_heatmaps(run_dir, list(config.models), study[0], data.class_names, config.seed)
             write_comparison(run_dir, config, study, {
                 "dataset": config.data, "classes": len(data.class_names), "split_sizes": sizes,
                 "image_size": config.image_size, "device": f"{device}" + (
