@@ -8,7 +8,9 @@ In one process, in alternating blocks, the same image:
   each parsing the CA bundle: 30-120 ms per call here, nothing a loopback caller needs;
 - ``http``: the same request as plain HTTP on one kept-open connection (upload, then
   ``/gradio_api/call/classify`` and its event stream): the app's own share, without the
-  client library's (which also polls for the answer every 50 ms).
+  client library's (which also polls for the answer every 50 ms);
+- ``api``: one ``POST /api/v1/classify`` (the plain HTTP API, multipart) on one kept-alive
+  connection (target: <= 1.10x).
 Each ratio is a request's median over the models' median (target for ``client``: <= 1.25x).
 
 The app is started here on a free loopback port, with Gradio's request profiling on to split
@@ -36,7 +38,7 @@ from benchmarks.common import (RESULTS_DIR, command_line, interleaved, machine, 
 from serve.catalog import PRECISIONS, load_catalog  # noqa: E402
 from serve.launch import running_app  # noqa: E402
 
-CONTENDERS = ("models", "client", "client_local", "http")
+CONTENDERS = ("models", "client", "client_local", "http", "api")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,6 +79,10 @@ class PlainHttp:
                 if line.startswith("event: complete"):
                     return
 
+    def api(self, path: Path, data: bytes) -> None:
+        response = self.http.post(f"{self.url}/api/v1/classify", files={"file": (path.name, data)})
+        response.raise_for_status()
+
     def profile(self, clear: bool = False) -> dict | None:
         """Gradio's own per-phase medians (queue wait, preprocess, fn call, postprocess, upload)."""
         if clear:
@@ -109,9 +115,11 @@ def measure(url: str, catalog, image_path: Path, rounds: int, per_block: int) ->
         for predictor in catalog.predictors:
             predictor.predict(image)
 
+    data = image_path.read_bytes()
     plain.profile(clear=True)
     times = interleaved({"models": models_alone, "client": through("client"),
-                         "client_local": through("client_local"), "http": lambda: plain.classify(image_path)},
+                         "client_local": through("client_local"), "http": lambda: plain.classify(image_path),
+                         "api": lambda: plain.api(image_path, data)},
                         rounds=rounds, per_block=per_block)
     ms = {name: median_ms(times[name]) for name in CONTENDERS}
     return {
@@ -143,9 +151,10 @@ def main(argv=None) -> int:
     ms, ratio = result["median_ms"], result["ratio"]
     print(markdown_table(
         ["models alone (ms)", "gradio_client (ms)", "ratio", "gradio_client, ssl_verify=False (ms)",
-         "ratio", "plain HTTP (ms)", "ratio"],
+         "ratio", "plain HTTP, Gradio's protocol (ms)", "ratio", "HTTP API /api/v1/classify (ms)", "ratio"],
         [[ms["models"], ms["client"], f"{ratio['client']:.2f}x", ms["client_local"],
-          f"{ratio['client_local']:.2f}x", ms["http"], f"{ratio['http']:.2f}x"]]))
+          f"{ratio['client_local']:.2f}x", ms["http"], f"{ratio['http']:.2f}x",
+          ms["api"], f"{ratio['api']:.2f}x"]]))
     phases = result["server_phases_p50_ms"] or {}
     print(f"inside the app: models {result['models_inside_app_ms']:.1f} ms; server phases (p50, ms): "
           + (", ".join(f"{k} {v:.1f}" for k, v in phases.items()) or "not profiled"))

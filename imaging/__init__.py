@@ -50,7 +50,13 @@ def load_rgb(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
     """Open, check and fully decode an image file (path, bytes or file object) as RGB."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
+    if isinstance(source, (str, os.PathLike)):
+        empty = os.path.getsize(source) == 0
+    else:  # a file object (an upload): empty from where it stands
+        start = source.tell()
+        empty = source.seek(0, os.SEEK_END) == start
+        source.seek(start)
+    if empty:
         raise ImageError("empty file (0 bytes)")
     try:
         with Image.open(source, formats=FORMATS) as img:

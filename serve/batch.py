@@ -8,17 +8,24 @@ cross the process boundary.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 import imaging
 from imaging.preprocessing import Preprocessing
-from serve.predictor import Predictor, physical_cores
+
+if TYPE_CHECKING:  # not imported for real: the decoding workers import this module and
+    from serve.predictor import Predictor  # need neither onnxruntime nor its start-up time
+
+
+def physical_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def default_batch_size() -> int:

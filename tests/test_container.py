@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.container
 TOOLS = Path(os.environ.get("CONTAINER_TOOLS", ROOT.parent / "shared" / "tools"))
 TAG = "resnet-trio:test"
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
-CONTEXT_PACKAGES = ("imaging", "serve")
+CONTEXT_PACKAGES = ("common", "imaging", "serve")
 HEALTH_TIMEOUT = 300
 
 
@@ -116,6 +117,17 @@ def test_image_serves_the_three_models(podman_env, image, exported_models, tmp_p
         assert [r["model"] for r in results] == [e["name"] for e in manifest["models"]]
         for r in results:
             assert sum(r["confidences"].values()) == pytest.approx(1.0, abs=1e-4)
+        # The plain HTTP API: the same answers, its models list, its error JSON.
+        example = (exported_models / manifest["examples"][0]).read_bytes()
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/readyz").status_code == 200
+            answer = http.post("/api/v1/classify", files={"file": ("photo.jpg", example)})
+            assert answer.status_code == 200, answer.text
+            assert [r["top_class"] for r in answer.json()["results"]] == [r["top_class"] for r in results]
+            listed = http.get("/api/v1/models").json()["models"]
+            assert [m["sha256"] for m in listed] == [e["sha256"] for e in manifest["models"]]
+            refused = http.post("/api/v1/classify", files={"file": ("notes.txt", b"not an image")})
+            assert refused.status_code == 400 and "not an image" in refused.json()["error"]
         # torch stays out of the image
         probe = podman(podman_env, "exec", name, "python", "-c",
                        "import importlib.util as u; print(u.find_spec('torch') is None)")
@@ -139,5 +151,7 @@ def test_a_mounted_models_folder_replaces_the_built_in_one(podman_env, image, ex
         results = Client(url, verbose=False).predict(
             handle_file(str(other / manifest["examples"][0])), api_name="/classify")
         assert [r["model"] for r in results] == [manifest["models"][0]["name"]]
+        listed = httpx.get(f"{url}/api/v1/models", timeout=60).json()["models"]
+        assert [m["name"] for m in listed] == [manifest["models"][0]["name"]]
     finally:
         stop(name)

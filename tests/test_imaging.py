@@ -147,8 +147,10 @@ def test_zero_byte_file_is_an_image_error(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ImageError, match="empty file"):
         load_rgb(path)
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="empty file"):
         load_rgb(b"")
+    with pytest.raises(ImageError, match="empty file"):
+        load_rgb(io.BytesIO(b""))  # an upload's file object
 
 
 def test_non_image_is_an_image_error(tmp_path):
