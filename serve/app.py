@@ -1,4 +1,5 @@
-"""``python -m serve.app``: serve the exported models side by side in a Gradio page and API.
+"""``python -m serve.app``: serve the exported models side by side in a Gradio page and API,
+with a plain HTTP API (/api/v1/classify, /api/v1/models, /healthz, /readyz) on the same port.
 
     python -m serve.app                       # models/ on http://127.0.0.1:7860
     python -m serve.app --models other/ --port 8000 --precision int8
