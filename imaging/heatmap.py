@@ -33,7 +33,7 @@ def normalized(heatmap: np.ndarray) -> np.ndarray:
 def overlay(image: Image.Image, heatmap: np.ndarray) -> Image.Image:
     """``image`` (any mode; shown as RGB) with ``heatmap`` (h x w) blended over it."""
     rgb = image.convert("RGB")
-    heat = Image.fromarray(normalized(heatmap), mode="F").resize(rgb.size, Image.Resampling.BILINEAR)
+    heat = Image.fromarray(normalized(heatmap)).resize(rgb.size, Image.Resampling.BILINEAR)  # float32: mode F
     heat = np.clip(np.asarray(heat), 0, 1)[..., None]
     colour = COLOUR_MAP[np.rint(heat[..., 0] * 255).astype(np.uint8)]
     alpha = MAX_OPACITY * heat

@@ -23,6 +23,7 @@ from PIL import Image
 
 import imaging
 from common.errors import UserError
+from imaging.heatmap import normalized
 from imaging.preprocessing import Preprocessing
 
 REQUIRED_METADATA = ("class_names", "input_size", "mean", "std", "architecture", "display_name")
@@ -62,6 +63,14 @@ class Prediction:
     probabilities: dict[str, float]  # every class, in the model's class order
     top_class: str
     milliseconds: float
+    heatmaps: np.ndarray | None = None  # classes x h x w Grad-CAM maps (files exported with them)
+
+    def heatmap(self, class_name: str | None = None) -> np.ndarray | None:
+        """One class's map (default: the top class's), scaled to [0, 1] by its maximum."""
+        if self.heatmaps is None:
+            return None
+        index = list(self.probabilities).index(class_name or self.top_class)
+        return normalized(self.heatmaps[index])
 
 
 class Predictor:
@@ -91,7 +100,9 @@ class Predictor:
         self.precision = meta.get("precision", "fp32")
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
-        self.output_index = outputs.index("probabilities") if "probabilities" in outputs else 0
+        self.probability_output = "probabilities" if "probabilities" in outputs else outputs[0]
+        # Files exported before heatmaps have none; everything else works the same.
+        self.has_heatmaps = "heatmaps" in outputs
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """A Pillow image (any mode) as the model's 1 x 3 x H x W float32 input."""
@@ -99,16 +110,20 @@ class Predictor:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a preprocessed N x 3 x H x W batch."""
-        return self.session.run(None, {self.input_name: batch})[self.output_index]
+        return self.session.run([self.probability_output], {self.input_name: batch})[0]
 
     def predict(self, image: Image.Image) -> Prediction:
+        """Probabilities of every class and, where the file has them, every class's heatmap."""
         started = time.perf_counter()
-        probs = self.probabilities(self.preprocess(image))[0]
+        wanted = [self.probability_output] + (["heatmaps"] if self.has_heatmaps else [])
+        outputs = self.session.run(wanted, {self.input_name: self.preprocess(image)})
         elapsed = (time.perf_counter() - started) * 1000
+        probs = outputs[0][0]
         return Prediction(
             {name: float(p) for name, p in zip(self.class_names, probs)},
             self.class_names[int(np.argmax(probs))],
             elapsed,
+            outputs[1][0] if self.has_heatmaps else None,
         )
 
     def predict_file(self, source: imaging.Source, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> Prediction:

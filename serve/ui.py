@@ -13,8 +13,11 @@ from pathlib import Path
 
 import anyio
 import gradio as gr
+import numpy as np
+from PIL import Image
 
 import imaging
+from imaging.heatmap import overlay
 from serve.catalog import Catalog
 from serve.gate import Gate
 
@@ -22,6 +25,8 @@ log = logging.getLogger("serve")
 TITLE = "ResNet-34 variants side by side"
 UPLOAD_CACHE_SECONDS = 3600  # uploaded files are deleted after an hour
 NO_IMAGE = "Choose an image first (upload, paste or take a photo)."
+TOP_CLASS = "each model's top class"
+PREVIEW_PIXELS = 320  # overlays are drawn on a copy this size at most
 
 
 class ClassifyError(Exception):
@@ -81,14 +86,17 @@ def classify_source(catalog: Catalog, source, max_pixels: int) -> list[dict]:
             log.exception("%s failed", model.name)
             raise ClassifyError(f"{model.display_name} failed on this image; see the server log.",
                                 status=500) from None
-        results.append({
+        result = {
             "model": model.name,
             "display_name": model.display_name,
             "precision": model.precision,
             "top_class": prediction.top_class,
             "confidences": prediction.probabilities,
             "milliseconds": round(prediction.milliseconds, 3),
-        })
+        }
+        if prediction.heatmaps is not None:  # the top class's Grad-CAM map, h x w in [0, 1]
+            result["heatmap"] = np.round(prediction.heatmap(), 4).tolist()
+        results.append(result)
     return results
 
 
@@ -98,6 +106,31 @@ def classify_image(catalog: Catalog, source, max_pixels: int) -> list[dict]:
         return classify_source(catalog, source, max_pixels)
     except ClassifyError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
+
+
+def preview(source, max_pixels: int) -> Image.Image:
+    image = imaging.load_rgb(source, max_pixels)
+    image.thumbnail((PREVIEW_PIXELS, PREVIEW_PIXELS))
+    return image
+
+
+def overlays_of(results: list[dict], source, max_pixels: int) -> list[Image.Image | None]:
+    """Each model's top-class heatmap (from its /classify result) over the image."""
+    image = preview(source, max_pixels)
+    return [overlay(image, np.asarray(r["heatmap"])) if "heatmap" in r else None for r in results]
+
+
+def overlays_for_class(catalog: Catalog, source, max_pixels: int, class_name: str) -> list[Image.Image | None]:
+    """Each model's heatmap of ``class_name`` (or of its own top class) over the image."""
+    image = imaging.load_rgb(source, max_pixels)
+    small = image.copy()
+    small.thumbnail((PREVIEW_PIXELS, PREVIEW_PIXELS))
+    out = []
+    for model in catalog.predictors:
+        prediction = model.predict(image)
+        chosen = None if class_name == TOP_CLASS else class_name
+        out.append(overlay(small, prediction.heatmap(chosen)) if prediction.heatmaps is not None else None)
+    return out
 
 
 def verdict(results: list[dict], precision: str) -> str:
@@ -124,14 +157,25 @@ def build_demo(catalog: Catalog, max_pixels: int = imaging.SERVING_MAX_PIXELS,
         async with gate.slot():  # shared with the HTTP API
             return await anyio.to_thread.run_sync(classify_image, catalog, source, max_pixels)
 
-    def show(results):
+    def show(results, image_payload):
         values = [verdict(results, catalog.precision)]
-        for r in results:
-            values += [r["top_class"], r["confidences"], f"{r['milliseconds']:.1f} ms"]
-        return values
+        for r, picture in zip(results, overlays_of(results, uploaded_file(image_payload), max_pixels)):
+            values += [r["top_class"], r["confidences"], f"{r['milliseconds']:.1f} ms", picture]
+        return values + [TOP_CLASS]  # a new result shows every model's own top class
+
+    async def explain(image_payload, class_name):
+        """The heatmaps of the class picked for all models (their models run again)."""
+        source = uploaded_file(image_payload)
+        if source is None:
+            return [None] * len(models)
+        async with gate.slot():
+            try:
+                return await anyio.to_thread.run_sync(overlays_for_class, catalog, source, max_pixels, class_name)
+            except (imaging.ImageError, OSError) as exc:
+                raise gr.Error(f"Cannot classify this file: {exc}.", print_exception=False) from None
 
     def clear():
-        return [""] + ["", None, ""] * len(models)
+        return [""] + ["", None, "", None] * len(models)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False,
                    delete_cache=(UPLOAD_CACHE_SECONDS, UPLOAD_CACHE_SECONDS)) as demo:
@@ -149,7 +193,10 @@ def build_demo(catalog: Catalog, max_pixels: int = imaging.SERVING_MAX_PIXELS,
                                 label="Examples (click one)")
             with gr.Column(scale=max(2, len(models))):
                 agreement = gr.Markdown(elem_id="verdict")
-                outputs = [agreement]
+                heat_class = gr.Dropdown([TOP_CLASS, *classes], value=TOP_CLASS, label="Heatmaps show",
+                                         info="where each model looks (Grad-CAM on its last stage)",
+                                         elem_id="heatmap-class", visible=any(m.has_heatmaps for m in models))
+                outputs, pictures = [agreement], []
                 with gr.Row(equal_height=True):
                     for model in models:
                         with gr.Column(min_width=200, elem_id=f"model-{model.name}"):
@@ -162,13 +209,20 @@ def build_demo(catalog: Catalog, max_pixels: int = imaging.SERVING_MAX_PIXELS,
                                 gr.Textbox(label="Time", interactive=False,
                                            elem_id=f"ms-{model.name}"),
                             ]
+                            pictures.append(gr.Image(label="Where it looks", interactive=False, height=220,
+                                                     buttons=[], elem_id=f"heat-{model.name}",
+                                                     visible=model.has_heatmaps))
+                            outputs.append(pictures[-1])
         with gr.Accordion("API result", open=False):
             api_result = gr.JSON(label="/classify", elem_id="api-result")
 
         button.click(classify, inputs=image, outputs=api_result, api_name="classify",
                      preprocess=False).success(
-            show, inputs=api_result, outputs=outputs, queue=False, show_progress="hidden",
-            api_visibility="private")
+            show, inputs=[api_result, image], outputs=outputs + [heat_class], queue=False,
+            show_progress="hidden", api_visibility="private", preprocess=False)
+        # .input: only the person's choice re-runs the models, not show() resetting the picker.
+        heat_class.input(explain, inputs=[image, heat_class], outputs=pictures, preprocess=False,
+                         show_progress="hidden", api_visibility="private")
         image.change(clear, outputs=outputs, queue=False, show_progress="hidden",
                      api_visibility="private")
     return demo

@@ -28,9 +28,12 @@ def classify(url: str, path) -> list[dict]:
 
 def direct(models_dir, image: Image.Image) -> dict[str, dict]:
     """Each model run in this process, without the app: name -> probabilities."""
+    return {name: prediction.probabilities for name, prediction in direct_predictions(models_dir, image).items()}
+
+
+def direct_predictions(models_dir, image: Image.Image) -> dict:
     manifest = json.loads((models_dir / "manifest.json").read_text())
-    return {e["name"]: Predictor(models_dir / e["file"]).predict(image).probabilities
-            for e in manifest["models"]}
+    return {e["name"]: Predictor(models_dir / e["file"]).predict(image) for e in manifest["models"]}
 
 
 def assert_matches_direct(results: list[dict], expected: dict[str, dict]) -> None:
@@ -50,6 +53,44 @@ def test_classifies_an_example_like_the_predictor(app_url, exported_models):
     results = classify(app_url, example)
     assert len(results) == 3
     assert_matches_direct(results, direct(exported_models, imaging.load_rgb(example)))
+
+
+def test_results_carry_the_top_class_heatmap(app_url, exported_models):
+    manifest = json.loads((exported_models / "manifest.json").read_text())
+    example = exported_models / manifest["examples"][0]
+    expected = direct_predictions(exported_models, imaging.load_rgb(example))
+    for r in classify(app_url, example):
+        entry = next(e for e in manifest["models"] if e["name"] == r["model"])
+        heatmap = np.asarray(r["heatmap"])
+        assert heatmap.shape == tuple(entry["heatmap_size"])  # h x w of the file's heatmaps output
+        assert heatmap.min() >= 0 and heatmap.max() <= 1
+        prediction = expected[r["model"]]
+        top = list(prediction.probabilities).index(r["top_class"])
+        raw = prediction.heatmaps[top]
+        np.testing.assert_allclose(heatmap, raw / raw.max() if raw.max() > 0 else raw, atol=1e-4)
+
+
+def test_the_page_draws_the_chosen_class_heatmap_over_the_image(exported_models):
+    from imaging.heatmap import overlay
+    from serve.catalog import load_catalog
+    from serve.ui import TOP_CLASS, overlays_for_class, overlays_of, preview
+
+    catalog = load_catalog(exported_models)
+    example = exported_models / json.loads((exported_models / "manifest.json").read_text())["examples"][0]
+    image = imaging.load_rgb(example)
+    small = preview(example, imaging.SERVING_MAX_PIXELS)
+    assert max(small.size) <= 320
+    chosen = catalog.class_names[-1]
+    drawn = overlays_for_class(catalog, example, imaging.SERVING_MAX_PIXELS, chosen)
+    for picture, predictor in zip(drawn, catalog.predictors):
+        expected = overlay(small, predictor.predict(image).heatmap(chosen))
+        assert picture.size == small.size
+        np.testing.assert_array_equal(np.asarray(picture), np.asarray(expected))
+    # Each model's own top class: the same pictures the /classify results give.
+    results = [{"heatmap": p.predict(image).heatmap().tolist()} for p in catalog.predictors]
+    tops = overlays_for_class(catalog, example, imaging.SERVING_MAX_PIXELS, TOP_CLASS)
+    for a, b in zip(tops, overlays_of(results, example, imaging.SERVING_MAX_PIXELS)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_simultaneous_clients_all_get_answers(app_url, exported_models):

@@ -69,6 +69,21 @@ def test_upload_classify_shows_every_model(page, app_url, exported_models, tmp_p
         expect(page.locator(f"#ms-{entry['name']} textarea")).to_have_value(re.compile(r"^\d+\.\d ms$"))
     expect(page.locator("#verdict")).to_contain_text(re.compile(r"agree|disagree"))
     expect(page.locator("#verdict")).to_contain_text("FP32")
+    # Under each model, the image with that model's heatmap over it.
+    overlays = [page.locator(f"#heat-{entry['name']} img") for entry in manifest["models"]]
+    sources = []
+    for overlay in overlays:
+        expect(overlay).to_be_visible()
+        sources.append(overlay.get_attribute("src"))
+    assert len(sources) == 3 and all(sources)
+    # Another class for all three at once (what is drawn is checked in test_app.py): the
+    # pictures come back, with no error.
+    page.locator("#heatmap-class input").click()
+    page.get_by_role("option", name=classes[-1], exact=True).click()
+    page.wait_for_load_state("networkidle")
+    for overlay in overlays:
+        expect(overlay).to_be_visible()
+    expect(page.locator(".toast-body")).to_have_count(0)
 
     shot = tmp_path / "app.png"
     page.screenshot(path=str(shot), full_page=True)

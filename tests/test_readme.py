@@ -31,9 +31,16 @@ def an_example(exported_models):
 def test_onnx_snippet_runs_with_only_onnxruntime_numpy_pillow(exported_models, tmp_path):
     from serve.predictor import Predictor
 
+    from PIL import Image
+
     (tmp_path / "models").mkdir()
     shutil.copy(exported_models / "resnet34.onnx", tmp_path / "models" / "resnet34.onnx")
-    shutil.copy(an_example(exported_models), tmp_path / "photo.jpg")
+    # A phone photo: stored 60 x 40, with EXIF orientation 6 (shown turned, 40 x 60), as the app
+    # and training see it.
+    with Image.open(an_example(exported_models)) as example:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        example.convert("RGB").resize((60, 40)).save(tmp_path / "photo.jpg", exif=exif)
     (tmp_path / "snippet.py").write_text(readme_block("onnx-app"))
     # Only the three libraries: the project's own packages are not on the path here.
     result = run_python(["snippet.py"], cwd=tmp_path, env={"PYTHONPATH": ""})
@@ -44,6 +51,9 @@ def test_onnx_snippet_runs_with_only_onnxruntime_numpy_pillow(exported_models, t
     assert list(printed) == list(expected.probabilities)
     for name, p in expected.probabilities.items():
         assert abs(printed[name] - round(p, 3)) <= 0.0011  # printed rounded to 3 decimals
+    # The heatmap is drawn over the photo as shown: EXIF orientation applied first.
+    with Image.open(tmp_path / "heatmap.png") as drawn:
+        assert drawn.size == (40, 60)
 
 
 def test_api_snippet_gets_one_result_per_model(app_url, exported_models, tmp_path):
