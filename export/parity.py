@@ -19,10 +19,12 @@ from export.onnx_export import INPUT_NAME, OUTPUT_NAMES
 MAX_LOGIT_DIFF = 1e-4
 MAX_PROB_DIFF = 1e-5
 MAX_HEATMAP_DIFF = 1e-4  # relative to each map's maximum (see relative_heatmap_diff)
-# A map whose maximum is below this share of the image's strongest map is noise-level (ReLU of
-# near-cancelling sums, where float32 rounding of the features dominates): it is compared
-# relative to that share of the strongest map instead of to its own tiny maximum.
+# A map whose maximum is below this share of the image's strongest map, or below an absolute
+# 0.05, is noise-level: a ReLU of near-cancelling sums, whose float32 rounding is that of the
+# logits themselves (up to about 1e-5, see MAX_LOGIT_DIFF). It is compared relative to that
+# level instead of to its own tiny maximum (a one-epoch model's 1 x 1 maps are such maps).
 NOISE_FLOOR = 1e-2
+ABSOLUTE_FLOOR = 0.05
 BATCH_SIZES = (1, 7)
 RANDOM_INPUTS = 32
 
@@ -74,11 +76,11 @@ def autograd_gradcam(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Ten
 
 def relative_heatmap_diff(heatmaps: np.ndarray, reference: np.ndarray) -> float:
     """The largest |difference| of two sets of maps (N x C x h x w), each map's relative to its
-    reference maximum, or to ``NOISE_FLOOR`` of the image's strongest map if that is larger
-    (and never to less than 1e-6, so maps that are zero everywhere count too)."""
+    reference maximum, or to ``NOISE_FLOOR`` of the image's strongest map or ``ABSOLUTE_FLOOR``
+    if either is larger (so maps that are zero everywhere count too)."""
     own = reference.max(axis=(2, 3), keepdims=True)
     strongest = own.max(axis=1, keepdims=True)
-    scale = np.maximum(np.maximum(own, NOISE_FLOOR * strongest), 1e-6)
+    scale = np.maximum(np.maximum(own, NOISE_FLOOR * strongest), ABSOLUTE_FLOOR)
     return float((np.abs(heatmaps - reference) / scale).max()) if heatmaps.size else 0.0
 
 

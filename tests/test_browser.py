@@ -99,7 +99,7 @@ def test_non_image_upload_shows_a_readable_error(page, app_url, tmp_path):
     fake.write_text("these are not the pixels you are looking for\n")
     upload_and_classify(page, app_url, fake)
     expect(page.locator(".toast-body")).to_contain_text(
-        "Cannot classify this file: not an image file Pillow can read")
+        "Cannot classify this file: not an image file in an accepted format")
     page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
 
     notes = tmp_path / "notes.txt"  # the page itself refuses other file types, also readably

@@ -36,7 +36,7 @@ MODELS = ("plain34", "resnet34_modified")
 MODEL_FILES = {"best.pt", "last.pt", "history.csv", "curves.png", "confusion.png", "report.json",
                "predictions.csv", "errors.png"}
 RUN_FILES = {"config.json", "bad_files.json", "splits.json", "comparison.md", "comparison.json",
-             "comparison.png"}
+             "comparison.png", "heatmaps.png"}
 # --standalone: a free local port, so parallel runs never collide.
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES)]
 

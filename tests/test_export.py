@@ -175,8 +175,9 @@ def test_onnx_file_facts(trained_run, exported_models, name):
 def test_dynamic_batch_and_softmax_in_the_graph(exported_models, batch):
     session = create_session(exported_models / "resnet34_modified.onnx")
     x = np.random.default_rng(batch).standard_normal((batch, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
-    logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    logits, probabilities, heatmaps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
     assert logits.shape == probabilities.shape == (batch, 5)
+    assert heatmaps.shape == (batch, 5, 1, 1) and heatmaps.min() >= 0
     expected = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(probabilities, expected / expected.sum(1, keepdims=True), atol=1e-6)
 

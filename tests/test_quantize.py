@@ -79,9 +79,12 @@ def test_int8_graph_is_qdq_and_runs_integer_convolutions(int8_export, name, tmp_
     assert len(convs) >= 36 and len(quantized) >= len(convs) - 1  # the stem may stay float
     for conv in quantized:  # one scale per output channel
         assert np.prod(dequantized_scale[conv.input[1]].dims) == int8_weights[conv.input[1]].dims[0] > 1
-    # Logits and probabilities come from float layers, not from a DequantizeLinear.
+    # Logits, probabilities and heatmaps come from float layers, not from a DequantizeLinear:
+    # the heatmaps' Grad-CAM (a MatMul, a ReLU, a Reshape) stays float32.
     producers = {o: n for n in model.graph.node for o in n.output}
-    assert {producers[o.name].op_type for o in model.graph.output} <= {"Gemm", "Softmax", "MatMul", "Add"}
+    assert {producers[o.name].op_type for o in model.graph.output} <= {"Gemm", "Softmax", "MatMul", "Add", "Reshape"}
+    relu = producers[producers["heatmaps"].input[0]]
+    assert relu.op_type == "Relu" and producers[relu.input[0]].op_type == "MatMul"
 
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")

@@ -64,7 +64,7 @@ def write_heatmaps(run_dir: Path, models: list[str], member: Member, class_names
         ax.set_yticks([])
     where = f" ({member.label})" if member.label else ""
     fig.suptitle(f"Where each model looks{where}: Grad-CAM of its top class on layer4; red: wrong", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     path = Path(run_dir) / "heatmaps.png"
     save_figure(fig, path)
     return path
