@@ -26,7 +26,7 @@ TITLE = "ResNet-34 variants side by side"
 UPLOAD_CACHE_SECONDS = 3600  # uploaded files are deleted after an hour
 NO_IMAGE = "Choose an image first (upload, paste or take a photo)."
 TOP_CLASS = "each model's top class"
-PREVIEW_PIXELS = 320  # overlays are drawn on a copy this size at most
+PREVIEW_PIXELS = 320  # overlays are drawn on a copy this size (longer side), small images enlarged
 
 
 class ClassifyError(Exception):
@@ -109,9 +109,14 @@ def classify_image(catalog: Catalog, source, max_pixels: int) -> list[dict]:
 
 
 def preview(source, max_pixels: int) -> Image.Image:
-    image = imaging.load_rgb(source, max_pixels)
-    image.thumbnail((PREVIEW_PIXELS, PREVIEW_PIXELS))
-    return image
+    return fit_preview(imaging.load_rgb(source, max_pixels))
+
+
+def fit_preview(image: Image.Image) -> Image.Image:
+    """A copy whose longer side is PREVIEW_PIXELS, to draw a heatmap on."""
+    scale = PREVIEW_PIXELS / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR)
 
 
 def overlays_of(results: list[dict], source, max_pixels: int) -> list[Image.Image | None]:
@@ -123,8 +128,7 @@ def overlays_of(results: list[dict], source, max_pixels: int) -> list[Image.Imag
 def overlays_for_class(catalog: Catalog, source, max_pixels: int, class_name: str) -> list[Image.Image | None]:
     """Each model's heatmap of ``class_name`` (or of its own top class) over the image."""
     image = imaging.load_rgb(source, max_pixels)
-    small = image.copy()
-    small.thumbnail((PREVIEW_PIXELS, PREVIEW_PIXELS))
+    small = fit_preview(image)
     out = []
     for model in catalog.predictors:
         prediction = model.predict(image)
