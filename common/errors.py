@@ -26,12 +26,6 @@ class Failure(Exception):
     exit_code = EXIT_FAILURE
 
 
-def first_line(exc: BaseException | str, limit: int = 300) -> str:
-    """The first line of an exception's message (library errors can run to pages)."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
-
-
 def run_cli(main: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Call a CLI's ``main`` and turn its errors into the project's one line and exit code."""
     try:

@@ -175,7 +175,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Evaluation of the exported models", "",
+    lines = ["# Evaluation of the exported models", "",
              f"Data: `{report['data']}`" + (f" (split `{report['split']}`)" if report["split"] else "")
              + f", {report['images']} image(s) used, {len(report['unusable'])} unusable.", "",
              "| model | precision | accuracy | macro-F1 | confusion matrix |", "|---|---|---:|---:|---|"]

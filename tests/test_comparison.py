@@ -19,7 +19,6 @@ from scipy import stats
 
 from conftest import ROOT, TINY_SIZE, run_python
 from training import statistics
-from training.models import MODEL_NAMES
 
 MODELS = ("plain34", "resnet34")
 
@@ -70,6 +69,23 @@ def test_paired_t_test_over_runs_and_sentences():
     close = statistics.paired_t([0.80, 0.82, 0.81], [0.81, 0.80, 0.80])
     assert close.p_value > 0.05
     assert statistics.sentence("A", "B", close).endswith("the data cannot tell them apart.")
+
+
+def test_pairs_put_the_better_model_first_by_the_test_that_decides():
+    from training.comparison import summarize
+
+    def run(accuracy, right):  # 100 validation images, the first `right` of them correct
+        rows = [{"split": "val", "path": f"{i}.png", "label": "a", "predicted": "a" if i < right else "b"}
+                for i in range(100)]
+        report = {"display_name": "?", "val_accuracy": accuracy, "val_macro_f1": accuracy, "val_loss": 1.0}
+        return {"report": report, "predictions": rows, "history": []}
+
+    # Over both seeds M is better, but McNemar (two runs: the first seed's images) sees N ahead.
+    data = {"m": [run(0.40, 40), run(0.95, 95)], "n": [run(0.60, 60), run(0.60, 60)]}
+    (pair,) = summarize(data, ["val"], pooled=False)["pairs"]["val"]
+    assert pair["models"] == ["n", "m"] and pair["primary"]["test"] == "McNemar exact test"
+    assert pair["difference_points"] == pytest.approx(20.0) and pair["primary"]["low"] > 0
+    assert "beats" in pair["sentence"] and "-" not in pair["sentence"].split("by ")[1].split(" points")[0]
 
 
 # --- runs with --seeds and --folds ---------------------------------------------------------------
@@ -225,6 +241,18 @@ def test_folds_with_a_val_folder_is_a_one_line_error(tmp_path, tiny_dataset):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--folds" in lines[0] and "val/" in lines[0], result.stderr
+    # A premade train/ + test/ (no val/) is what folds are for.
+    (tmp_path / "data" / "val").rename(tmp_path / "data" / "test")
+    from training.config import make_config
+    from training.data import cross_validation_folds
+    from training.distributed import World
+    from training.run import load_dataset
+
+    config = make_config({"data": str(tmp_path / "data"), "folds": 3, "image_size": TINY_SIZE})
+    data = load_dataset(config, World())
+    assert "val" not in data.splits and len(data.splits["test"]) == 6
+    folds = cross_validation_folds(data, 3, config.seed)
+    assert sorted(p for f in folds for p in f.splits["val"].paths) == sorted(data.splits["train"].paths)
     for argv in (["--seeds", "2", "--folds", "3"], ["--folds", "1"], ["--seeds", "0"]):
         assert run_python(["-m", "training.run", *_args(tiny_dataset, tmp_path / "r2", *argv)]).returncode == 2
 

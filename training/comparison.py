@@ -43,8 +43,9 @@ def _load(run_dir: Path, models: list[str], study: list[Member]) -> dict:
 
 def _correct_by_image(runs: list[dict], split: str, pooled: bool) -> dict[str, bool]:
     """Per image path, whether the model got it right: every image once (a single run, the
-    first seed, or the folds pooled, each validating different images)."""
-    chosen = runs if pooled else runs[:1]
+    first seed, or the folds pooled: each fold validates different images, but every fold
+    tests the same ones, so the test split always comes from the first run)."""
+    chosen = runs if pooled and split == "val" else runs[:1]
     return {row["path"]: row["label"] == row["predicted"]
             for run in chosen for row in run["predictions"] if row["split"] == split}
 
@@ -63,23 +64,27 @@ def summarize(data: dict, splits: list[str], pooled: bool) -> dict:
                 estimates["accuracy_over_images"] = statistics.wilson(sum(correct.values()), len(correct)).as_dict()
             per_model[name][split] = estimates
     pairs = {split: [] for split in splits}
+    def paired(a: str, b: str, split: str):
+        runs_a = [r["report"][f"{split}_accuracy"] for r in data[a]]
+        runs_b = [r["report"][f"{split}_accuracy"] for r in data[b]]
+        correct_a = _correct_by_image(data[a], split, pooled)
+        correct_b = _correct_by_image(data[b], split, pooled)
+        paths = sorted(correct_a.keys() & correct_b.keys())
+        mcnemar = statistics.mcnemar([correct_a[p] for p in paths], [correct_b[p] for p in paths])
+        t_test = statistics.paired_t(runs_a, runs_b) if len(runs_a) >= statistics.MIN_RUNS_FOR_T_TEST else None
+        # Over runs when there are enough of them (it sees the seed-to-seed spread), else per
+        # image; the difference reported is the primary test's own.
+        return t_test or mcnemar, mcnemar, t_test
+
     for split in splits:
         for a, b in itertools.combinations(models, 2):
-            runs_a = [r["report"][f"{split}_accuracy"] for r in data[a]]
-            runs_b = [r["report"][f"{split}_accuracy"] for r in data[b]]
-            if np.mean(runs_b) > np.mean(runs_a):
-                a, b, runs_a, runs_b = b, a, runs_b, runs_a  # the better model first
-            correct_a = _correct_by_image(data[a], split, pooled)
-            correct_b = _correct_by_image(data[b], split, pooled)
-            paths = sorted(correct_a.keys() & correct_b.keys())
-            mcnemar = statistics.mcnemar([correct_a[p] for p in paths], [correct_b[p] for p in paths])
-            t_test = statistics.paired_t(runs_a, runs_b) if len(runs_a) >= statistics.MIN_RUNS_FOR_T_TEST else None
-            # Over runs when there are enough of them (it sees the seed-to-seed spread), else
-            # per image; the difference is always that of the mean accuracies.
-            primary = t_test or mcnemar
+            primary, mcnemar, t_test = paired(a, b, split)
+            if primary.difference < 0:  # the better model first
+                a, b = b, a
+                primary, mcnemar, t_test = paired(a, b, split)
             display_a, display_b = per_model[a]["display_name"], per_model[b]["display_name"]
             pairs[split].append({
-                "models": [a, b], "difference_points": 100 * (np.mean(runs_a) - np.mean(runs_b)),
+                "models": [a, b], "difference_points": primary.difference,
                 "primary": primary.as_dict(), "mcnemar": mcnemar.as_dict(),
                 "t_test": t_test.as_dict() if t_test else None,
                 "sentence": statistics.sentence(display_a, display_b, primary),
@@ -127,8 +132,8 @@ def render(summary: dict, data: dict, config: TrainConfig, study: list[Member], 
         if summary["pairs"][split]:
             lines += ["", "What the data supports:", ""]
             lines += [f"- {pair['sentence']}" for pair in summary["pairs"][split]]
-            counted = ("the folds pooled" if config.folds else
-                       "the one run" if runs == 1 else f"seed {study[0].seed}'s runs")
+            counted = ("the one run" if runs == 1 else f"seed {study[0].seed}'s runs" if not config.folds
+                       else "the folds pooled" if split == "val" else "fold 1's runs: every fold tests the same images")
             lines += ["", "| pair | difference (points) | 95% CI | p | test | McNemar: only A right / only B right (p) |",
                       "|---|---:|---:|---:|---|---:|"]
             for pair in summary["pairs"][split]:

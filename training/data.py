@@ -216,8 +216,11 @@ class PreparedData:
 
 
 def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction: float,
-                 test_fraction: float, seed: int, processes: int | None = None) -> PreparedData:
-    """Decode every file once, drop and report bad ones, then split (unless split already)."""
+                 test_fraction: float, seed: int, processes: int | None = None,
+                 require_val: bool = True) -> PreparedData:
+    """Decode every file once, drop and report bad ones, then split (unless split already).
+    ``require_val=False``: a premade train/ (+ test/) without val/ is fine (cross-validation
+    makes its own folds)."""
     bad = list(index.bad_files)
     decoded = {}
     for name, samples in index.splits.items():
@@ -241,7 +244,7 @@ def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction
         for name, members in stratified_split(good, fractions, seed).items():
             rows = torch.tensor([row_of[id(s)] for s in members], dtype=torch.long)
             decoded[name] = (images[rows], members)
-    if not decoded.get("val") or not decoded["val"][1]:
+    if require_val and (not decoded.get("val") or not decoded["val"][1]):
         raise DataError("the validation split is empty; add images or a val/ folder")
     splits = {
         name: SplitImages(images, torch.tensor([s.label for s in good]), [s.path for s in good])

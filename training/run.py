@@ -74,7 +74,7 @@ def load_dataset(config: TrainConfig, world: distributed.World):
                           "drop --folds or the val/ folder")
     processes = max(1, (os.cpu_count() or 1) // distributed.local_size())  # every rank decodes
     return prepare_data(index, preprocessing_for(config), config.val_fraction, config.test_fraction,
-                        config.seed, processes)
+                        config.seed, processes, require_val=not config.folds)
 
 
 def _listed(split) -> list:
@@ -131,6 +131,10 @@ def train(argv: list[str] | None = None) -> int:
                 train_model(name, member_config, member_data, member.folder(run_dir, name), world, device)
         if world.is_main:
             sizes = ", ".join(f"{n} {len(s)}" for n, s in data.splits.items())
+            if folds:
+                pooled = sum(len(fold.splits["val"]) for fold in folds)
+                sizes = f"{len(folds)} folds of {pooled} images" + (
+                    f", test {len(data.splits['test'])}" if "test" in data.splits else "")
             write_heatmaps(run_dir, list(config.models), study[0], data.class_names, config.seed)
             write_comparison(run_dir, config, study, {
                 "dataset": config.data, "classes": len(data.class_names), "split_sizes": sizes,
