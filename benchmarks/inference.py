@@ -24,7 +24,8 @@ import torch
 
 from benchmarks.common import (RESULTS_DIR, command_line, interleaved, machine, markdown_table,
                                median_ms, write_json)
-from export.onnx_export import INPUT_NAME, export_model, metadata_for, sha256_of
+from common.files import sha256_of
+from export.onnx_export import INPUT_NAME, export_model, metadata_for
 from export.quantize import compare, quantize_file
 from imaging.preprocessing import Preprocessing
 from serve.predictor import create_session, physical_cores

@@ -1,7 +1,9 @@
-"""Atomic file replacement: a reader (or a killed run) never sees a half-written file."""
+"""Files, torch-free: atomic replacement (a reader or a killed run never sees a half-written
+file), the listing of a data folder, and a file's SHA-256."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,3 +32,25 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every regular, non-hidden file below ``folder``, in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return found
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The non-hidden sub-folders of ``root`` (one per class), sorted."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -10,7 +10,6 @@ preprocessing spec under timm's ``pretrained_cfg`` names (``input_size`` as [3, 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import warnings
@@ -49,14 +48,6 @@ class Exported(nn.Module):
     def forward(self, image: torch.Tensor):
         logits, heatmaps = self.model.classify_and_explain(image)
         return logits, torch.softmax(logits, dim=1), heatmaps
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def exportable(model: nn.Module) -> nn.Module:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from common.errors import UserError, run_cli
-from common.files import write_json
+from common.files import sha256_of, write_json
 from export import model_card
-from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for, sha256_of
+from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for
 from export.parity import check_parity
 from export.quantize import CALIBRATION_IMAGES, compare, quantize_file
 from export.triton import write_repository

@@ -6,7 +6,6 @@ precision) is read back from the .onnx file's metadata by the Predictor.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from common.errors import UserError
+from common.files import sha256_of
 from serve.predictor import ModelFileError, Predictor
 
 PRECISIONS = ("fp32", "int8")
@@ -49,14 +49,6 @@ class Catalog:
                 "val_accuracy": None if math.isnan(accuracy) else accuracy,
             })
         return models
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inside(folder: Path, name: str, what: str) -> Path:
@@ -129,4 +121,4 @@ def load_catalog(folder: str | os.PathLike, precision: str = "fp32",
             raise CatalogError(f"models disagree on class names: {first.name} has {first.class_names}, "
                                f"{other.name} has {other.class_names}")
     return Catalog(folder, precision, predictors, examples,
-                   {p.name: file_sha256(p.path) for p in predictors})
+                   {p.name: sha256_of(p.path) for p in predictors})

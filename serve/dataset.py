@@ -9,11 +9,11 @@ non-hidden files, sorted, every file listed (unusable ones are reported when dec
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UserError
+from common.files import class_folders, files_under
 
 SPLITS = ("train", "val", "test")
 
@@ -28,18 +28,6 @@ class Labelled:
     @property
     def class_names(self) -> list[str]:
         return sorted({label for _, label in self.samples})
-
-
-def files_under(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return found
-
-
-def class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def index_folder(root: Path, split: str | None = None) -> Labelled:

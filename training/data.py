@@ -25,6 +25,7 @@ import torch
 
 import imaging
 from common.errors import UserError
+from common.files import class_folders, files_under
 from imaging.preprocessing import Preprocessing
 
 SPLITS = ("train", "val", "test")
@@ -53,19 +54,6 @@ class DatasetIndex:
         return "all" not in self.splits
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every regular, non-hidden file below ``folder``, in a stable order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return found
-
-
-def _class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def index_image_folder(root: Path) -> DatasetIndex:
     if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist")
@@ -73,10 +61,10 @@ def index_image_folder(root: Path) -> DatasetIndex:
     if premade == ["train"]:  # train/ alone: its classes, with validation split off as usual
         root, premade = root / "train", []
     if "train" in premade:
-        class_names = [p.name for p in _class_folders(root / "train")]
+        class_names = [p.name for p in class_folders(root / "train")]
         splits = {}
         for split in premade:
-            names = [p.name for p in _class_folders(root / split)]
+            names = [p.name for p in class_folders(root / split)]
             unknown = sorted(set(names) - set(class_names))
             if unknown:
                 raise DataError(
@@ -85,13 +73,13 @@ def index_image_folder(root: Path) -> DatasetIndex:
                 )
             splits[split] = [
                 Sample(str(f), class_names.index(name))
-                for name in names for f in _files_under(root / split / name)
+                for name in names for f in files_under(root / split / name)
             ]
     else:
-        class_names = [p.name for p in _class_folders(root)]
+        class_names = [p.name for p in class_folders(root)]
         splits = {"all": [
             Sample(str(f), label)
-            for label, name in enumerate(class_names) for f in _files_under(root / name)
+            for label, name in enumerate(class_names) for f in files_under(root / name)
         ]}
     index = DatasetIndex(class_names, splits)
     _check_classes(index, root)
