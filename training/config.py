@@ -46,6 +46,9 @@ class TrainConfig:
     out: str | None = None  # run folder; default runs/<date-time>
     init_weights: str | None = None  # torchvision ResNet-34 state dict to start from
     freeze_epochs: int = 0  # with init_weights: keep the loaded layers frozen this many epochs
+    crop_scale: float = 0.7  # RandomResizedCrop: the smallest share of the image a crop keeps
+    cache_dir: str | None = None  # decoded-image cache; default: see training.image_cache
+    no_cache: bool = False  # keep decoded images in memory only (small data)
 
     def __post_init__(self):
         self.validate()
@@ -79,6 +82,8 @@ class TrainConfig:
                               f"got seeds {self.seeds}, folds {self.folds}")
         if self.seeds > 1 and self.folds:
             raise ConfigError("choose --seeds or --folds, not both: folds already give repeated runs")
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if self.freeze_epochs and not self.init_weights:
             raise ConfigError("--freeze-epochs needs --init-weights (a backbone to keep frozen)")
         return self
@@ -101,6 +106,10 @@ FLAG_HELP = {
     "freeze_epochs": "with --init-weights: train only the new layers (head, SE) for the first K epochs",
     "seed": "drives the split, initialisation and augmentation",
     "seeds": "train each model N times on the same split, with seeds --seed, --seed + 1, ...",
+    "crop_scale": "RandomResizedCrop's smallest crop, as a share of the image's area",
+    "cache_dir": "folder for the decoded-image cache (default: $RESNET_TRIO_CACHE, else "
+                 "$XDG_CACHE_HOME/resnet-trio, else ~/.cache/resnet-trio)",
+    "no_cache": "keep decoded images in memory only, as small data can afford",
     "folds": "K-fold cross-validation on the images outside the test split (0: off; "
              "not with a val/ folder)",
 }
@@ -125,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "models":
             parser.add_argument(flag, type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
                                 help=FLAG_HELP["models"])
+            continue
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=FLAG_HELP[f.name])
             continue
         kind = type(default) if default is not None else str
         parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=_flag_help(f.name, default))
@@ -173,17 +185,18 @@ def _as_type_of(default, name: str, value, path: str):
     """A file's value as its setting's type, as a flag would be: YAML reads ``6e-4`` as a
     string, JSON may give 3.0 for an integer."""
     kind = type(default) if default is not None else str
-    if value is None or name == "models" or (isinstance(value, kind) and not isinstance(value, bool)):
+    if value is None or name == "models" or isinstance(value, kind) and (
+            isinstance(value, bool) == (kind is bool)):
         return value
     try:
-        if isinstance(value, bool) or kind is str:
+        if isinstance(value, bool) or kind in (str, bool):
             raise ValueError(value)
         converted = kind(value)
         if kind is int and float(value) != converted:
             raise ValueError(value)  # 2.5 epochs is not a whole number
         return converted
     except (TypeError, ValueError):
-        wanted = {int: "a whole number", float: "a number"}.get(kind, "a string")
+        wanted = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "a string")
         raise ConfigError(f"setting {name} in '{path}' must be {wanted}, got {value!r}") from None
 
 
@@ -198,7 +211,7 @@ def make_config(overrides: dict) -> TrainConfig:
 
 
 # Flags a resumed run still accepts: where to find the run, and how (not what) to compute.
-RESUME_FLAGS = {"out", "device", "workers"}
+RESUME_FLAGS = {"out", "device", "workers", "cache_dir", "no_cache"}
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, set[str]]:
