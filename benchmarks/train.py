@@ -1,7 +1,7 @@
 """``python -m benchmarks.train``: is the input pipeline the bottleneck of a training epoch?
 
 In one process, in alternating rounds: a training epoch fed by the real pipeline (the decoded
-images through TrainingSamples, the DataLoader and the batched augmentation on the device,
+images read from the disk cache through TrainingSamples, each sample's crop, the DataLoader and the batched augmentation on the device,
 exactly as training.trainer.train_loader builds them) against the same number of steps fed by batches already in memory (the compute bound), both
 through the real epoch loop (training.engine.train_one_epoch). The ratio of their images per
 second is the input-pipeline ratio: 1.0 means the pipeline costs nothing. The pipeline alone
@@ -23,12 +23,13 @@ import torch
 from benchmarks.common import RESULTS_DIR, command_line, machine, markdown_table, write_json
 from training import distributed
 from training.config import QUICK_PROFILE, ConfigError, TrainConfig, make_config
-from training.data import DataError, SplitImages, index_image_folder, prepare_data
+from training.data import DataError, index_image_folder, prepare_data
 from training.engine import Precision, train_one_epoch
 from training.models import MODEL_NAMES, create_model
 from training.recipe import build_optimization
 from training.synthetic import ensure_builtin_dataset
-from training.trainer import default_workers, preprocessing_for, train_loader
+from training.trainer import (cache_dir_for, default_workers, preprocessing_for, train_loader,
+                              train_storage_for)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=None, help="use at most this many training images")
     parser.add_argument("--rounds", type=int, default=6, help="epochs of each kind (default: 6)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="decoded images in memory, not read from the disk cache")
     parser.add_argument("--out", default=str(RESULTS_DIR / "train.json"), help="JSON results file")
     return parser.parse_args(argv)
 
@@ -110,17 +113,18 @@ def main(argv=None) -> int:
     try:
         config = make_config({"data": str(root), "image_size": args.image_size,
                               "batch_size": args.batch_size, "workers": args.workers,
-                              "test_fraction": QUICK_PROFILE["test_fraction"]})
+                              "test_fraction": QUICK_PROFILE["test_fraction"],
+                              "no_cache": args.no_cache})
         data = prepare_data(index_image_folder(root), preprocessing_for(config), config.val_fraction,
-                            config.test_fraction, config.seed)
+                            config.test_fraction, config.seed, train_storage=train_storage_for(config),
+                            cache_dir=cache_dir_for(config))
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if args.max_images:
         train = data.splits["train"]
-        keep = slice(0, args.max_images)
-        data.splits["train"] = SplitImages(train.images[keep], train.labels[keep], train.paths[keep])
+        data.splits["train"] = train.take(range(min(args.max_images, len(train))))
     workers = default_workers() if config.workers < 0 else config.workers
     print(f"Training-epoch benchmark: {', '.join(names)}, {len(data.splits['train'])} images at "
           f"{args.image_size} px, batch {config.batch_size}, {workers} loader worker(s), "

@@ -18,6 +18,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 TINY_SIZE = 32  # px: the smallest image size training accepts, fast on CPU
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_image_cache(tmp_path_factory) -> Path:
+    """Runs in tests (and the commands they start) keep decoded images here, not in ~/.cache."""
+    folder = tmp_path_factory.mktemp("decoded-image-cache")
+    os.environ["RESNET_TRIO_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """The built-in dataset's generator at 12 images per class (plus its two broken files)."""

@@ -6,27 +6,26 @@ Layouts:
 - CSV: ``--labels-csv FILE`` with columns ``filename,label`` and ``--data IMAGE_DIR``.
 
 Every file is decoded once, before training (``decode_all``): unusable files are skipped and
-reported, and the decoded, resized uint8 images are kept in memory, so each epoch only draws
-its random augmentation from them.
+reported, and the decoded, resized uint8 images are kept in a cache on disk (or in memory with
+``--no-cache``; see ``training.image_cache``), so each epoch only draws its random augmentation
+from them.
 """
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import os
 import random
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import imaging
 from common.errors import UserError
 from common.files import class_folders, files_under
 from imaging.preprocessing import Preprocessing
+from training.image_cache import ImageRows, decode_files
 
 SPLITS = ("train", "val", "test")
 
@@ -127,39 +126,14 @@ def _check_classes(index: DatasetIndex, where: Path) -> None:
         raise DataError(f"only one class ({only}) in '{where}'; a classifier needs at least two")
 
 
-def _decode_one(args: tuple[str, Preprocessing]) -> np.ndarray | str:
-    path, preprocessing = args
-    try:  # numpy only: this runs in forked processes, where torch's thread pools are unsafe
-        return preprocessing.pixels(imaging.load_rgb(path)).transpose(2, 0, 1)
-    except imaging.ImageError as exc:
-        return str(exc)
-    except OSError as exc:  # e.g. permission denied
-        return f"cannot read file ({exc.strerror or exc})"
+def decode_all(samples: list[Sample], specs: list[Preprocessing], processes: int | None = None,
+               cache_dir: Path | None = None) -> tuple[list[ImageRows], list[Sample], list[dict]]:
+    """Decode and resize every file once, in parallel, at each spec's size (see image_cache).
 
-
-def decode_all(samples: list[Sample], preprocessing: Preprocessing, processes: int | None = None):
-    """Decode and resize every file once, in parallel, as ``preprocessing`` says.
-
-    Returns (images as an N x 3 x H x W uint8 tensor, the samples that decoded, bad-file records).
+    Returns (per spec, the images of the samples that decoded; those samples; bad-file records).
     """
-    processes = processes or os.cpu_count() or 1
-    size = preprocessing.input_size
-    jobs = [(s.path, preprocessing) for s in samples]
-    if processes > 1 and len(jobs) > 64:
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method)) as pool:
-            results = list(pool.map(_decode_one, jobs, chunksize=16))
-    else:
-        results = [_decode_one(job) for job in jobs]
-    good, arrays, bad = [], [], []
-    for sample, result in zip(samples, results):
-        if isinstance(result, str):
-            bad.append({"path": sample.path, "reason": result})
-        else:
-            good.append(sample)
-            arrays.append(result)
-    images = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))) if arrays else torch.empty(0, 3, *size, dtype=torch.uint8)
-    return images, good, bad
+    decoded = decode_files([s.path for s in samples], specs, cache_dir, processes or os.cpu_count() or 1)
+    return decoded.images, [samples[i] for i in decoded.good], decoded.bad
 
 
 def stratified_split(samples: list[Sample], fractions: dict[str, float], seed: int) -> dict[str, list[Sample]]:
@@ -185,14 +159,33 @@ def stratified_split(samples: list[Sample], fractions: dict[str, float], seed: i
 
 @dataclass
 class SplitImages:
-    """One split, decoded: images (N x 3 x H x W uint8) with their labels and source files."""
+    """One split, decoded: images (N x 3 x H x W uint8, the evaluation pixels) with their
+    labels and source files, and for images that may be trained on, ``train_images``: the
+    larger copies random crops are cut from (None: crop from ``images``)."""
 
-    images: torch.Tensor
+    images: ImageRows
     labels: torch.Tensor
     paths: list[str]
+    train_images: ImageRows | None = None
+
+    def __post_init__(self):
+        if isinstance(self.images, torch.Tensor):  # pixels already in memory
+            self.images = ImageRows.of(self.images)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def take(self, rows) -> "SplitImages":
+        rows = np.asarray(rows, np.int64)
+        return SplitImages(self.images.take(rows), self.labels[torch.from_numpy(rows)],
+                           [self.paths[i] for i in rows.tolist()],
+                           None if self.train_images is None else self.train_images.take(rows))
+
+    def concat(self, other: "SplitImages") -> "SplitImages":
+        both = self.train_images is not None and other.train_images is not None
+        return SplitImages(self.images.concat(other.images), torch.cat([self.labels, other.labels]),
+                           self.paths + other.paths,
+                           self.train_images.concat(other.train_images) if both else None)
 
 
 @dataclass
@@ -205,14 +198,20 @@ class PreparedData:
 
 def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction: float,
                  test_fraction: float, seed: int, processes: int | None = None,
-                 require_val: bool = True) -> PreparedData:
+                 require_val: bool = True, train_storage: Preprocessing | None = None,
+                 cache_dir: Path | None = None) -> PreparedData:
     """Decode every file once, drop and report bad ones, then split (unless split already).
-    ``require_val=False``: a premade train/ (+ test/) without val/ is fine (cross-validation
-    makes its own folds)."""
+
+    Every image is decoded at ``preprocessing``'s size; the ones that may be trained on also at
+    ``train_storage``'s (the larger copies crops are cut from). ``cache_dir``: the decoded-image
+    cache (None: in memory). ``require_val=False``: a premade train/ (+ test/) without val/ is
+    fine (cross-validation makes its own folds)."""
     bad = list(index.bad_files)
     decoded = {}
     for name, samples in index.splits.items():
-        images, good, split_bad = decode_all(samples, preprocessing, processes)
+        trainable = train_storage is not None and name in ("train", "all")
+        specs = [preprocessing, train_storage] if trainable else [preprocessing]
+        images, good, split_bad = decode_all(samples, specs, processes, cache_dir)
         bad += split_bad
         decoded[name] = (images, good)
     total = sum(len(s) for s in index.splits.values()) + len(index.bad_files)
@@ -225,26 +224,21 @@ def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction
             f"class(es) {', '.join(empty)} have no valid {'training ' if index.presplit else ''}"
             f"images left after skipping {len(bad)} bad file(s)"
         )
+    splits = {
+        name: SplitImages(images[0], torch.tensor([s.label for s in good], dtype=torch.long),
+                          [s.path for s in good], images[1] if len(images) > 1 else None)
+        for name, (images, good) in decoded.items()
+    }
     if not index.presplit:
-        images, good = decoded.pop("all")
+        everything, good = splits.pop("all"), decoded["all"][1]
         row_of = {id(s): i for i, s in enumerate(good)}
         fractions = {"val": val_fraction, **({"test": test_fraction} if test_fraction > 0 else {})}
         for name, members in stratified_split(good, fractions, seed).items():
-            rows = torch.tensor([row_of[id(s)] for s in members], dtype=torch.long)
-            decoded[name] = (images[rows], members)
-    if require_val and (not decoded.get("val") or not decoded["val"][1]):
+            splits[name] = everything.take([row_of[id(s)] for s in members])
+    if require_val and not len(splits.get("val", ())):
         raise DataError("the validation split is empty; add images or a val/ folder")
-    splits = {
-        name: SplitImages(images, torch.tensor([s.label for s in good]), [s.path for s in good])
-        for name, (images, good) in decoded.items()
-        if good
-    }
+    splits = {name: split for name, split in splits.items() if len(split)}
     return PreparedData(index.class_names, splits, bad, total)
-
-
-def _subset(split: SplitImages, rows: list[int]) -> SplitImages:
-    index = torch.tensor(rows, dtype=torch.long)
-    return SplitImages(split.images[index], split.labels[index], [split.paths[i] for i in rows])
 
 
 def cross_validation_folds(data: PreparedData, folds: int, seed: int) -> list[PreparedData]:
@@ -252,9 +246,7 @@ def cross_validation_folds(data: PreparedData, folds: int, seed: int) -> list[Pr
     own share of every class and trains on the rest, so each image is validated exactly once."""
     pool = data.splits["train"]
     if "val" in data.splits:
-        val = data.splits["val"]
-        pool = SplitImages(torch.cat([pool.images, val.images]), torch.cat([pool.labels, val.labels]),
-                           pool.paths + val.paths)
+        pool = pool.concat(data.splits["val"])
     fold_of = np.empty(len(pool), dtype=np.int64)
     rng = np.random.default_rng(seed)
     labels = pool.labels.numpy()
@@ -266,8 +258,8 @@ def cross_validation_folds(data: PreparedData, folds: int, seed: int) -> list[Pr
         fold_of[rng.permutation(members)] = np.arange(len(members)) % folds
     out = []
     for k in range(folds):
-        splits = {"train": _subset(pool, np.flatnonzero(fold_of != k).tolist()),
-                  "val": _subset(pool, np.flatnonzero(fold_of == k).tolist())}
+        splits = {"train": pool.take(np.flatnonzero(fold_of != k)),
+                  "val": pool.take(np.flatnonzero(fold_of == k))}
         if "test" in data.splits:
             splits["test"] = data.splits["test"]
         out.append(PreparedData(data.class_names, splits, data.bad_files, data.total_files))
@@ -279,8 +271,10 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     Sample ``i`` of epoch ``e`` draws its parameters from its own seed (seed, e, i), so the
     augmentation is the same whatever the batch, the number of workers or of processes, and a
-    resumed run sees exactly the images an uninterrupted one would have seen. The augmentation
-    itself runs on whole batches, on the training device (``training.trainer.AugmentedBatches``).
+    resumed run sees exactly the images an uninterrupted one would have seen. Each sample's
+    random crop is cut here from the stored copy (``train_images``, larger than the training
+    size); the rest of the augmentation runs on whole batches, on the training device
+    (``training.trainer.AugmentedBatches``).
     """
 
     def __init__(self, split: SplitImages, augment, seed: int):
@@ -295,4 +289,7 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-        return self.split.images[i], self.augment.draw(random.Random(sample_seed)), self.split.labels[i]
+        stored = self.split.images if self.split.train_images is None else self.split.train_images
+        image = stored[i]
+        parameters = self.augment.draw(random.Random(sample_seed), image.shape[-2:])
+        return self.augment.crop(image, parameters), parameters, self.split.labels[i]

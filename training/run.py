@@ -21,7 +21,7 @@ from training.comparison import write_comparison
 from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
 from training.study import members
 from training.synthetic import ensure_builtin_dataset
-from training.trainer import preprocessing_for, train_model
+from training.trainer import cache_dir_for, preprocessing_for, train_model, train_storage_for
 
 RUNS_DIR = Path("runs")
 
@@ -74,7 +74,8 @@ def load_dataset(config: TrainConfig, world: distributed.World):
                           "drop --folds or the val/ folder")
     processes = max(1, (os.cpu_count() or 1) // distributed.local_size())  # every rank decodes
     return prepare_data(index, preprocessing_for(config), config.val_fraction, config.test_fraction,
-                        config.seed, processes, require_val=not config.folds)
+                        config.seed, processes, require_val=not config.folds,
+                        train_storage=train_storage_for(config), cache_dir=cache_dir_for(config))
 
 
 def _listed(split) -> list:

@@ -1,9 +1,12 @@
 """The training-side pipelines, each stated once (after torchvision's classification presets).
 
-Images reach these pipelines already decoded to RGB and resized to exactly H x W as uint8
-CHW tensors (see ``decode``): the data loader decodes each file once and caches that tensor,
-so the random augmentation is drawn fresh every epoch from the cached copy. The evaluation
-side is built from ``imaging.preprocessing.Preprocessing``, the spec serving uses too.
+Images reach these pipelines already decoded to RGB uint8 CHW tensors (see ``decode``): the
+data loader decodes each file once and caches it, so the random augmentation is drawn fresh
+every epoch from the cached copy. Evaluation uses the exact H x W resize, built from
+``imaging.preprocessing.Preprocessing``, the spec serving uses too. Training crops from a
+larger copy of the same squash (``stored_size``), so a crop is cut from the pixels the photo
+has, as torchvision's RandomResizedCrop cuts it from the photo, instead of enlarging a part of
+the H x W copy.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ def decode(source: imaging.Source | Image.Image, preprocessing: Preprocessing,
     return torch.from_numpy(np.ascontiguousarray(preprocessing.pixels(img).transpose(2, 0, 1)))
 
 
-# The original recipe's augmentation (see TrainAugment).
-CROP_SCALE, CROP_RATIO = (0.7, 1.0), (3 / 4, 4 / 3)
+# The original recipe's augmentation (see TrainAugment); the crop's smallest scale is a setting
+# (TrainConfig.crop_scale, 0.7 in the original recipe).
+CROP_RATIO = (3 / 4, 4 / 3)
+MAX_MARGIN = 2.0  # the stored training copy is at most this many times the training size per side
 FLIP_P, DEGREES, TRANSLATE = 0.5, 15.0, 0.05
 JITTER = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
 BLUR_SIGMA = (0.1, 1.0)  # 3 x 3 kernel
@@ -37,6 +42,15 @@ GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
 # One image's parameters, in this order and these widths (see TrainAugment.draw).
 PARAMETER_LAYOUT = {"crop": 4, "flip": 1, "angle": 1, "jitter": 4, "order": 4, "shift": 2,
                     "sigma": 1, "erase": 5}
+
+
+def stored_size(size: tuple[int, int], crop_scale: float) -> tuple[int, int]:
+    """The size training copies are stored at: large enough that a crop of the smallest scale
+    and the most extreme aspect ratio still has the training size's pixels (is not enlarged),
+    within MAX_MARGIN per side. A crop of w = M sqrt(scale * aspect) must reach the size S, so
+    M = S / sqrt(scale * 3/4) (1.38 S at the original's 0.7)."""
+    factor = min(MAX_MARGIN, 1 / math.sqrt(crop_scale * min(CROP_RATIO[0], 1 / CROP_RATIO[1])))
+    return tuple(math.ceil(n * max(1.0, factor) - 1e-9) for n in size)
 
 
 def _box(rng: random.Random, height: int, width: int, scale, ratio, tries: int = 10):
@@ -53,26 +67,32 @@ def _box(rng: random.Random, height: int, width: int, scale, ratio, tries: int =
 class TrainAugment:
     """The original recipe's augmentation, drawn per image and applied to a whole batch.
 
-    Per image: RandomResizedCrop (scale 0.7-1, aspect 3/4-4/3), horizontal flip (p 0.5),
+    Per image: RandomResizedCrop (scale ``crop_scale``-1, aspect 3/4-4/3), horizontal flip (p 0.5),
     rotation (+-15 deg), ColorJitter (brightness, contrast, saturation 0.3, hue 0.1, in a random
     order), translation (+-5%), Gaussian blur (3 x 3, sigma 0.1-1), normalisation and
     RandomErasing (p 0.2, 2-15% of the area, set to 0). ``draw`` picks one image's parameters
-    from a generator of its own, so they depend on nothing else in the batch; ``__call__``
-    applies a batch of them on the batch's device. The crop, flip, rotation and translation
-    are one bilinear warp (one resampling instead of three; what rotation and translation
-    uncover is black, and the translation now comes before the colour steps, which only
-    changes that uncovered strip), the other steps batched tensor operations: per-image
-    Python calls would cost more than the model's own work at small image sizes.
+    from a generator of its own, so they depend on nothing else in the batch. ``crop`` cuts one
+    image's crop from its stored copy (torchvision's own ``resized_crop``, antialiased, as
+    RandomResizedCrop does); ``__call__`` applies the rest to a batch of crops on the batch's
+    device. Flip, rotation and translation are one bilinear warp (one resampling instead of
+    three; what rotation and translation uncover is black, and the translation now comes
+    before the colour steps, which only changes that uncovered strip), the other steps batched
+    tensor operations: per-image Python calls would cost more than the model's own work at
+    small image sizes.
     """
 
-    def __init__(self, *, size: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.size = size
+    def __init__(self, *, size: tuple[int, int], crop_scale: float = 0.7, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        self.size, self.crop_scale = size, crop_scale
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
-    def draw(self, rng: random.Random) -> torch.Tensor:
+    def draw(self, rng: random.Random, source_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """One image's parameters; the crop box is in the pixels of the stored copy
+        (``source_size``, default the training size), everything else at the training size."""
         height, width = self.size
-        crop = _box(rng, height, width, CROP_SCALE, CROP_RATIO) or (0, 0, height, width)
+        source_h, source_w = source_size or self.size
+        crop = _box(rng, source_h, source_w, (self.crop_scale, 1.0), CROP_RATIO) or (0, 0, source_h, source_w)
         flip = float(rng.random() < FLIP_P)
         angle = rng.uniform(-DEGREES, DEGREES)
         jitter = [rng.uniform(1 - j, 1 + j) for j in JITTER[:3]] + [rng.uniform(-JITTER[3], JITTER[3])]
@@ -83,12 +103,20 @@ class TrainAugment:
         erase = (1, *erase) if erase else (0, 0, 0, 0, 0)
         return torch.tensor([*crop, flip, angle, *jitter, *order, *shift, sigma, *erase], dtype=torch.float32)
 
+    def crop(self, image: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """One stored uint8 image 3 x h x w -> its crop (``parameters``' box), resized to the
+        training size: uint8 3 x H x W."""
+        top, left, h, w = (int(v) for v in parameters[:PARAMETER_LAYOUT["crop"]].tolist())
+        return v2.functional.resized_crop(image, top, left, h, w, list(self.size),
+                                          interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
     def __call__(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        """uint8 images N x 3 x H x W and their N drawn parameter rows -> normalised float32."""
+        """uint8 crops N x 3 x H x W (see ``crop``) and their N drawn parameter rows ->
+        normalised float32."""
         device = images.device
         p = dict(zip(PARAMETER_LAYOUT, parameters.split(list(PARAMETER_LAYOUT.values()), dim=1)))
         x = images.float().div_(255)
-        x = _warp(x, *(p[k].to(device) for k in ("crop", "flip", "angle", "shift")))
+        x = _warp(x, *(p[k].to(device) for k in ("flip", "angle", "shift")))
         x = _jitter(x, p["jitter"].to(device), p["order"].long())
         x = _blur(x, p["sigma"].to(device))
         x = (x - self.mean.to(device)) / self.std.to(device)
@@ -99,13 +127,13 @@ class TrainAugment:
         return x
 
 
-def _warp(x, crop, flip, angle, shift):
-    """Crop-and-resize, flip, rotate and translate each image in one bilinear resampling."""
+def _warp(x, flip, angle, shift):
+    """Flip, rotate and translate each image in one bilinear resampling."""
     n, _, height, width = x.shape
     a = torch.deg2rad(angle[:, 0])
     cos, sin = a.cos(), a.sin()
     mirror = 1 - 2 * flip[:, 0]
-    # Output -> coordinates in the cropped image ([-1, 1] spans it): undo the translation,
+    # Output -> input coordinates ([-1, 1] spans the image): undo the translation,
     # the rotation (in pixel units, so non-square images turn rigidly), then the flip.
     rows = torch.stack([
         torch.stack([mirror * cos, -mirror * sin * height / width], 1),
@@ -115,12 +143,7 @@ def _warp(x, crop, flip, angle, shift):
     theta = torch.cat([rows, -(rows @ t[:, :, None])], 2)
     grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
     inside = (grid.abs() <= 1).all(-1)[:, None]
-    # ... then the crop box's place in the whole image.
-    top, left, h, w = crop.unbind(1)
-    scale = torch.stack([w / width, h / height], 1)[:, None, None]
-    offset = torch.stack([(2 * left + w) / width - 1, (2 * top + h) / height - 1], 1)[:, None, None]
-    warped = F.grid_sample(x, grid * scale + offset, mode="bilinear", padding_mode="border",
-                           align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return warped * inside
 
 
