@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import common.cpu
 from common import files
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -30,14 +31,7 @@ def cpu_model() -> str:
 def cpu_flags() -> list[str]:
     """The instruction-set extensions that decide INT8 and BF16 speed on x86."""
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
+    return [f for f in wanted if f in common.cpu.cpu_flags()]
 
 
 def machine() -> dict:

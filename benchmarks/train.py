@@ -62,11 +62,11 @@ def benchmark_model(name: str, data, config: TrainConfig, rounds: int, device: t
     world = distributed.World()
     torch.manual_seed(config.seed)
     model = create_model(name, len(data.class_names)).to(device)
-    if device.type == "cuda":
+    precision = Precision(device, config.precision)  # the trainer's choice
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     recipe = build_optimization(model, config)  # the trainer's own optimizer and loss
     optimizer, criterion = recipe.optimizer, recipe.criterion
-    precision = Precision(device)
     train_set, sampler, loader = train_loader(data, config, world, device)
 
     def epoch_of(epoch: int):
@@ -75,8 +75,7 @@ def benchmark_model(name: str, data, config: TrainConfig, rounds: int, device: t
         return loader
 
     # One epoch's batches, augmented once and kept on the device: the compute bound.
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    in_memory = [(x.to(device).contiguous(memory_format=memory_format), y.to(device))
+    in_memory = [(precision.layout(x.to(device)), y.to(device))
                  for x, y in epoch_of(0)]
     images = sum(len(labels) for _, labels in in_memory)
     _loop(model, in_memory[:2], criterion, optimizer, precision, device, world)  # warm-up

@@ -653,3 +653,39 @@ def test_comparison_lists_the_models(trained_run):
 def test_parameter_count_in_the_report_is_the_models(trained_run):
     ckpt = checkpoint.load(trained_run / "resnet34_modified" / "best.pt")
     assert count_parameters(rebuild_model(ckpt)) == EXPECTED_PARAMETERS["resnet34_modified"]
+
+
+# --- precision on the CPU ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, mode, expected", [
+    ({"avx2"}, "auto", (False, False)),  # emulated bfloat16 is slower than float32: as before
+    ({"avx2", "avx512_bf16"}, "auto", (True, True)),
+    ({"amx_bf16"}, "auto", (True, True)),
+    ({"amx_bf16"}, "float32", (False, False)),
+    ({"avx2"}, "bfloat16", (True, True)),
+])
+def test_cpu_precision_follows_native_bfloat16(monkeypatch, flags, mode, expected):
+    from training import engine
+
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset(flags))
+    precision = engine.Precision(torch.device("cpu"), mode)
+    assert (precision.enabled, precision.channels_last) == expected
+    with precision.autocast():
+        y = torch.nn.Linear(4, 2)(torch.ones(1, 4))
+    assert y.dtype == (torch.bfloat16 if expected[0] else torch.float32)
+    assert precision.layout(torch.ones(2, 3, 4, 4)).is_contiguous(
+        memory_format=torch.channels_last if expected[1] else torch.contiguous_format)
+
+
+def test_a_bfloat16_run_trains_and_records_its_precision(tiny_dataset, tmp_path):
+    from training.run import main
+
+    out = tmp_path / "run"
+    assert main(["--data", str(tiny_dataset), "--models", "resnet34", "--epochs", "1",
+                 "--image-size", str(TINY_SIZE), "--batch-size", "8", "--workers", "0",
+                 "--precision", "bfloat16", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["precision"] == "bfloat16"
+    report = json.loads((out / "resnet34" / "report.json").read_text())
+    assert np.isfinite(report["val_loss"])
+    state = checkpoint.load(out / "resnet34" / "best.pt")["model_state"]
+    assert all(v.dtype != torch.bfloat16 for v in state.values())  # autocast: weights stay float32

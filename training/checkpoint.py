@@ -1,8 +1,10 @@
 """Self-describing checkpoints, written atomically and loaded with ``weights_only=True``.
 
 ``best.pt`` holds the weights and everything needed to rebuild and feed them: the registry
-name, the architecture spec itself, the class names and the preprocessing spec; ``last.pt``
-adds the optimizer, scheduler, RNG states and history needed to continue a stopped run exactly.
+name, the architecture spec itself, the class names and the preprocessing spec (with
+``--ema-decay``, the weights are the moving average's); ``last.pt`` holds the trained weights
+and adds the optimizer, scheduler, moving average (``ema_state``), RNG states and history needed
+to continue a stopped run exactly.
 
 Format versions: 2 stores the architecture and preprocessing specs; 1 (older files) stored the
 registry name, image size, mean and std, and still loads.

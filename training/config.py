@@ -1,9 +1,9 @@
-"""Training settings: the defaults (the original recipe) live here and only here.
+"""Training settings: the defaults (the original recipe) and the other recipes live here and only here.
 
-Precedence, lowest first: these defaults; the quick profile when no ``--data`` is given;
-a ``--config`` file (JSON or YAML); command-line flags. A ``TrainConfig`` is checked when it
-is made and frozen: every rule about settings is in ``TrainConfig.validate``, and no code
-changes a setting afterwards.
+Precedence, lowest first: the defaults (``RECIPES["original"]``); the chosen ``--recipe``'s
+values; the quick profile when no ``--data`` is given; a ``--config`` file (JSON or YAML);
+command-line flags. A ``TrainConfig`` is checked when it is made and frozen: every rule about
+settings is in ``TrainConfig.validate``, and no code changes a setting afterwards.
 """
 from __future__ import annotations
 
@@ -17,8 +17,32 @@ from training.models import MODEL_NAMES
 from training.synthetic import DEFAULT_DIR as BUILTIN_DATA
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")  # see training.engine.Precision
+
+
 class ConfigError(UserError):
     """A bad setting, reported as one line without a traceback."""
+
+
+# The recipes: every optimisation and regularisation setting a recipe decides. "original" is the
+# study's (and the defaults below read it); "improved" is a from-scratch recipe for small datasets
+# from the literature (docs/recipe.md says where each value comes from).
+ORIGINAL = {
+    "lr": 6e-4, "weight_decay": 1e-4, "label_smoothing": 0.05,
+    "schedule": "step", "step_size": 5, "gamma": 0.1, "warmup_epochs": 0,
+    "epochs": 30, "patience": 10,
+    "crop_scale": 0.7, "mix_prob": 0.0, "mixup_alpha": 0.2, "cutmix_alpha": 1.0,
+    "ema_decay": 0.0,
+}
+IMPROVED = {
+    "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.1,
+    "schedule": "cosine", "step_size": 5, "gamma": 0.1, "warmup_epochs": 5,
+    "epochs": 100, "patience": 25,
+    "crop_scale": 0.25, "mix_prob": 0.5, "mixup_alpha": 0.2, "cutmix_alpha": 1.0,
+    "ema_decay": 0.999,
+}
+RECIPES = {"original": ORIGINAL, "improved": IMPROVED}
+SCHEDULES = ("step", "cosine")
 
 
 @dataclass(frozen=True)
@@ -26,15 +50,18 @@ class TrainConfig:
     data: str = str(BUILTIN_DATA)  # ImageFolder root, or the image folder of a CSV layout
     labels_csv: str | None = None
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
-    epochs: int = 30
+    recipe: str = "original"  # the RECIPES entry the recipe settings start from
+    epochs: int = ORIGINAL["epochs"]
     batch_size: int = 50
     image_size: int = 224
-    lr: float = 6e-4
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.05
-    step_size: int = 5  # StepLR: multiply the learning rate by gamma every step_size epochs
-    gamma: float = 0.1
-    patience: int = 10  # early stopping: epochs without a validation-loss improvement
+    lr: float = ORIGINAL["lr"]
+    weight_decay: float = ORIGINAL["weight_decay"]
+    label_smoothing: float = ORIGINAL["label_smoothing"]
+    schedule: str = ORIGINAL["schedule"]  # step (StepLR) or cosine (to 0 at the last epoch)
+    step_size: int = ORIGINAL["step_size"]  # step: multiply the learning rate by gamma every step_size epochs
+    gamma: float = ORIGINAL["gamma"]
+    warmup_epochs: int = ORIGINAL["warmup_epochs"]  # linear warm-up before the schedule
+    patience: int = ORIGINAL["patience"]  # early stopping: epochs without a validation-loss improvement
     min_delta: float = 1e-4  # the smallest decrease of validation loss that counts
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -46,7 +73,12 @@ class TrainConfig:
     out: str | None = None  # run folder; default runs/<date-time>
     init_weights: str | None = None  # torchvision ResNet-34 state dict to start from
     freeze_epochs: int = 0  # with init_weights: keep the loaded layers frozen this many epochs
-    crop_scale: float = 0.7  # RandomResizedCrop: the smallest share of the image a crop keeps
+    crop_scale: float = ORIGINAL["crop_scale"]  # RandomResizedCrop: the smallest share a crop keeps
+    mix_prob: float = ORIGINAL["mix_prob"]  # share of training batches mixed by mixup or CutMix (0: off)
+    mixup_alpha: float = ORIGINAL["mixup_alpha"]  # Beta(alpha, alpha) of mixup's weight (0: mixup off)
+    cutmix_alpha: float = ORIGINAL["cutmix_alpha"]  # likewise for CutMix's area (0: CutMix off)
+    ema_decay: float = ORIGINAL["ema_decay"]  # exponential moving average of the weights (0: off)
+    precision: str = "auto"  # auto, float32 or bfloat16 (see training.engine.Precision)
     cache_dir: str | None = None  # decoded-image cache; default: see training.image_cache
     no_cache: bool = False  # keep decoded images in memory only (small data)
 
@@ -82,17 +114,46 @@ class TrainConfig:
                               f"got seeds {self.seeds}, folds {self.folds}")
         if self.seeds > 1 and self.folds:
             raise ConfigError("choose --seeds or --folds, not both: folds already give repeated runs")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision '{self.precision}'; choose from {', '.join(PRECISIONS)}")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if self.freeze_epochs and not self.init_weights:
             raise ConfigError("--freeze-epochs needs --init-weights (a backbone to keep frozen)")
+        self._validate_recipe()
         return self
+
+    def _validate_recipe(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe '{self.recipe}'; choose from {', '.join(RECIPES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule '{self.schedule}'; choose from {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup_epochs must be at least 0 and below epochs ({self.epochs}), "
+                              f"got {self.warmup_epochs}")
+        if self.weight_decay < 0 or self.gamma <= 0 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError("weight_decay must be at least 0, gamma positive and label_smoothing in [0, 1)")
+        if not 0 <= self.mix_prob <= 1 or self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigError("mix_prob must be in [0, 1] and mixup_alpha, cutmix_alpha at least 0")
+        if self.mix_prob and not (self.mixup_alpha or self.cutmix_alpha):
+            raise ConfigError("--mix-prob needs mixup_alpha or cutmix_alpha above 0 (a way to mix)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
 
 
 # With no --data: the built-in dataset, sized so that the three models train in about 3 minutes
 # on 2 CPU cores: the learning rate drops after 4 epochs and 2 more settle it (ResNet-34
 # reaches about 0.84 validation accuracy).
 QUICK_PROFILE = {"image_size": 48, "batch_size": 32, "epochs": 6, "step_size": 4, "test_fraction": 0.1}
+# What the quick profile shortens in a recipe beyond the epochs: 5 warm-up epochs of 6 would
+# leave one to train at the full rate.
+QUICK_PROFILE_BY_RECIPE = {"original": {}, "improved": {"warmup_epochs": 1}}
+
+
+def quick_profile(recipe: str) -> dict:
+    """The quick profile's settings for a recipe."""
+    return {**QUICK_PROFILE, **QUICK_PROFILE_BY_RECIPE.get(recipe, {})}
+
 
 FLAG_HELP = {
     "data": "ImageFolder root (or the image folder of --labels-csv); default: the built-in "
@@ -107,6 +168,17 @@ FLAG_HELP = {
     "seed": "drives the split, initialisation and augmentation",
     "seeds": "train each model N times on the same split, with seeds --seed, --seed + 1, ...",
     "crop_scale": "RandomResizedCrop's smallest crop, as a share of the image's area",
+    "recipe": f"the recipe settings start from: {' or '.join(RECIPES)} (see docs/recipe.md); "
+              "any setting given still overrides it",
+    "schedule": "learning-rate schedule after the warm-up: step (StepLR) or cosine (to 0)",
+    "warmup_epochs": "epochs of linear learning-rate warm-up before the schedule",
+    "mix_prob": "share of training batches mixed by mixup or CutMix (one of them at random; 0: off)",
+    "mixup_alpha": "mixup's Beta(alpha, alpha) weight (0: mixup off)",
+    "cutmix_alpha": "CutMix's Beta(alpha, alpha) area (0: CutMix off)",
+    "ema_decay": "exponential moving average of the weights (0: off); the average is what is "
+                 "validated, saved as best.pt and exported",
+    "precision": "auto: bfloat16 autocast on GPUs and on CPUs with native bfloat16 (AVX-512 BF16, "
+                 "AMX), else float32; or float32, bfloat16",
     "cache_dir": "folder for the decoded-image cache (default: $RESNET_TRIO_CACHE, else "
                  "$XDG_CACHE_HOME/resnet-trio, else ~/.cache/resnet-trio)",
     "no_cache": "keep decoded images in memory only, as small data can afford",
@@ -120,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.run",
         description="Train Plain-34, ResNet-34 and ResNet-34-Modified and compare them.",
-        epilog=f"Without --data the built-in dataset is trained with the quick profile ({quick}); "
+        epilog=f"Without --data the built-in dataset is trained with the quick profile ({quick}; "
+               f"with --recipe improved also --warmup-epochs "
+               f"{QUICK_PROFILE_BY_RECIPE['improved']['warmup_epochs']}); "
                "any flag or config-file setting still overrides it.",
         argument_default=argparse.SUPPRESS,  # only flags the user gave override the config
     )
@@ -144,12 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flag_help(name: str, default) -> str:
-    """The flag's description, then the default that applies (and the quick profile's)."""
+    """The flag's description, then the default that applies (and the quick profile's and
+    the other recipes' where they differ)."""
     parts = [FLAG_HELP[name]] if name in FLAG_HELP else []
     if default is not None and name != "data":
         shown = f"default: {default}"
         if name in QUICK_PROFILE:
             shown += f"; quick profile (no --data): {QUICK_PROFILE[name]}"
+        for recipe, values in RECIPES.items():
+            if values.get(name, default) != default:
+                shown += f"; --recipe {recipe}: {values[name]}"
+            quick = QUICK_PROFILE_BY_RECIPE.get(recipe, {})
+            if name in quick:
+                shown += f" (quick profile: {quick[name]})"
         parts.append(shown)
     return "; ".join(parts)
 
@@ -201,8 +282,14 @@ def _as_type_of(default, name: str, value, path: str):
 
 
 def make_config(overrides: dict) -> TrainConfig:
-    """Defaults, then the quick profile if no data is named, then the overrides."""
-    values = {} if overrides.get("data") else dict(QUICK_PROFILE)
+    """Defaults, then the chosen recipe's values, then the quick profile if no data is named,
+    then the overrides."""
+    recipe = overrides.get("recipe") or TrainConfig.recipe
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
+    values = dict(RECIPES[recipe])
+    if not overrides.get("data"):
+        values.update(quick_profile(recipe))
     values.update({k: v for k, v in overrides.items() if not (k == "data" and v is None)})
     try:
         return TrainConfig(**values)
@@ -211,7 +298,7 @@ def make_config(overrides: dict) -> TrainConfig:
 
 
 # Flags a resumed run still accepts: where to find the run, and how (not what) to compute.
-RESUME_FLAGS = {"out", "device", "workers", "cache_dir", "no_cache"}
+RESUME_FLAGS = {"out", "device", "workers", "precision", "cache_dir", "no_cache"}
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, set[str]]:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from common.cpu import cpu_flags
 from training import distributed
 from training.data import SplitImages
 from training.distributed import World
@@ -41,39 +43,64 @@ class EarlyStopping:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies in bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere
+    PyTorch emulates bfloat16 on the CPU, slower than float32 (benchmarks/cpu_precision.py)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 @dataclass
 class Precision:
-    """Mixed precision where it pays: bfloat16 (or float16 with loss scaling) on CUDA only."""
+    """Mixed precision where it pays (``mode`` auto): bfloat16 autocast on CUDA (float16 with
+    loss scaling where bfloat16 is missing) and on CPUs with native bfloat16; float32 elsewhere.
+    ``mode`` float32 or bfloat16 forces one. channels_last goes with reduced precision, where
+    its kernels are the fast ones (on CPUs in float32 it was slower: benchmarks/README.md)."""
 
     device: torch.device
+    mode: str = "auto"
 
     def __post_init__(self):
-        cuda = self.device.type == "cuda"
-        self.dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-        self.enabled = cuda
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.dtype == torch.float16)
+        cuda, cpu = self.device.type == "cuda", self.device.type == "cpu"
+        if cuda and self.mode != "bfloat16":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.dtype = torch.bfloat16
+        auto = cuda or (cpu and native_bfloat16())
+        self.enabled = (cuda or cpu) and (self.mode == "bfloat16" or (self.mode == "auto" and auto))
+        self.channels_last = cuda or self.enabled
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.enabled and self.dtype == torch.float16)
 
     def autocast(self):
         if not self.enabled:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.") if self.enabled else "float32"
+        return f"{dtype} on {self.device.type}" + (", channels_last" if self.channels_last else "")
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the memory layout the model is in."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, precision: Precision,
-                    device: torch.device, world: World, desc: str) -> tuple[float, float]:
-    """Returns (mean loss, accuracy) over every training sample of every rank."""
+                    device: torch.device, world: World, desc: str, mix=None,
+                    ema: AveragedModel | None = None) -> tuple[float, float]:
+    """Returns (mean loss, accuracy) over every training sample of every rank.
+
+    ``mix(images, labels)`` (training.recipe.BatchMix) may mix a batch on the device, turning
+    its labels into class probabilities; accuracy then counts a prediction of the class with
+    the largest share as right. ``ema`` is updated after every optimizer step.
+    """
     model.train()
     loss_sum = correct = count = 0.0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if world.is_main else True)
     for images, labels in bar:
-        images, labels = _to_device(images, device), labels.to(device, non_blocking=True)
+        images = precision.layout(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        if mix is not None:
+            images, labels = mix(images, labels)
         with precision.autocast():
             logits = model(images)
             loss = criterion(logits, labels)
@@ -81,9 +108,12 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, precision: P
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
-        n = labels.numel()
+        if ema is not None:
+            ema.update_parameters(model)
+        n = len(labels)
         loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == labels).sum().item()
+        classes = labels.argmax(1) if labels.dim() > 1 else labels
+        correct += (logits.argmax(1) == classes).sum().item()
         count += n
         bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
     loss_sum, correct, count = distributed.all_sum([loss_sum, correct, count], world, device)
@@ -108,7 +138,7 @@ def evaluate(model: nn.Module, split: SplitImages, criterion, transform, precisi
     loss_sum, probabilities = 0.0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        images = _to_device(transform(split.images[chunk]), device)
+        images = precision.layout(transform(split.images[chunk]).to(device, non_blocking=True))
         labels = split.labels[chunk].to(device)
         with precision.autocast():
             logits = model(images)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from common.errors import Failure
@@ -25,12 +27,14 @@ from training.data import PreparedData, TrainingSamples
 from training.distributed import World
 from training.engine import EarlyStopping, Precision, evaluate, train_one_epoch
 from training.models import count_mult_adds, count_parameters, create_model
-from training.recipe import Optimization, build_optimization
-from training.transforms import EvalTransform, TrainAugment
+from training.recipe import BatchMix, Optimization, build_ema, build_mix, build_optimization
+from training.image_cache import default_cache_dir
+from training.transforms import EvalTransform, TrainAugment, stored_size
 
 
 def default_workers() -> int:
-    """Loader processes: images are decoded already, so a few suffice; none on tiny machines.
+    """Loader processes: images are decoded already (each sample's crop is cut in the loader),
+    so a few suffice; none on tiny machines.
     Processes on one machine (torchrun) share its cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores //= distributed.local_size()
@@ -40,6 +44,17 @@ def default_workers() -> int:
 def preprocessing_for(config: TrainConfig) -> Preprocessing:
     """The evaluation preprocessing a run trains for (recorded in every checkpoint)."""
     return Preprocessing(input_size=(config.image_size, config.image_size))
+
+
+def train_storage_for(config: TrainConfig) -> Preprocessing:
+    """How training copies are stored: the evaluation squash, larger (see stored_size)."""
+    spec = preprocessing_for(config)
+    return dataclasses.replace(spec, input_size=stored_size(spec.input_size, config.crop_scale))
+
+
+def cache_dir_for(config: TrainConfig) -> Path | None:
+    """Where decoded images are kept: None keeps them in memory (--no-cache)."""
+    return None if config.no_cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
 
 class AugmentedBatches:
@@ -60,7 +75,7 @@ def train_loader(data: PreparedData, config: TrainConfig, world: World, device: 
     """The training set, its sampler and the augmented batches of one epoch of it
     (benchmarks/train.py times this very loader)."""
     spec = preprocessing_for(config)
-    augment = TrainAugment(size=spec.input_size, mean=spec.mean, std=spec.std)
+    augment = TrainAugment(size=spec.input_size, crop_scale=config.crop_scale, mean=spec.mean, std=spec.std)
     train_set = TrainingSamples(data.splits["train"], augment, config.seed)
     sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank,
                                  shuffle=True, seed=config.seed)
@@ -97,10 +112,17 @@ class ModelRun:
     start_epoch: int = 1
     finished: bool = False
     trained: nn.Module | None = None  # the model as it trains (DDP-wrapped with several processes)
+    mix: BatchMix | None = None  # mixup / CutMix of training batches (--mix-prob)
+    ema: AveragedModel | None = None  # the moving average of the weights (--ema-decay)
 
     @property
     def display(self) -> str:
         return self.model.arch.display_name
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validated each epoch and saved as best.pt: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def last_path(self) -> Path:
@@ -121,7 +143,7 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
             break
         started = time.perf_counter()
         train_loss, train_acc, lr = train_epoch(run, epoch)
-        val = evaluate(run.model, data.splits["val"], run.optimization.criterion,
+        val = evaluate(run.evaluated, data.splits["val"], run.optimization.criterion,
                        EvalTransform(run.preprocessing), run.precision, device, world)
         improved = run.stopper.step(val.loss)
         run.history.append({
@@ -148,26 +170,31 @@ def set_up(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
     if config.init_weights and not (model_dir / "last.pt").exists():
         transfer.load_init_weights(model, config.init_weights, verbose=world.is_main)
     model.to(device)
-    if device.type == "cuda":
+    precision = Precision(device, config.precision)
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_set, sampler, batches = train_loader(data, config, world, device)
     return ModelRun(
         name, config, data, model_dir, world, device, model,
         optimization=build_optimization(model, config), preprocessing=preprocessing_for(config),
-        precision=Precision(device), stopper=EarlyStopping(config.patience, config.min_delta),
+        precision=precision, stopper=EarlyStopping(config.patience, config.min_delta),
         freezer=transfer.BackboneFreezer(model, config.freeze_epochs),
         train_set=train_set, sampler=sampler, batches=batches,
+        mix=build_mix(config, len(data.class_names)), ema=build_ema(model, config),
     )
 
 
 def resume(run: ModelRun) -> None:
-    """Continue from last.pt when it exists: weights, recipe, early stopping, history, RNG."""
+    """Continue from last.pt when it exists: weights (and their average), recipe, early
+    stopping, history, RNG."""
     if not run.last_path.exists():
         return
     state = checkpoint.load(run.last_path)
     if state.get("class_names") != run.data.class_names:
         raise checkpoint.CheckpointError(f"'{run.last_path}' was trained on other classes")
     run.model.load_state_dict(state["model_state"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema_state"])
     run.optimization.load_state_dict(state)
     run.stopper.load_state_dict(state["early_stopping"])
     run.history, run.finished = state["history"], state["finished"]
@@ -195,21 +222,28 @@ def train_epoch(run: ModelRun, epoch: int) -> tuple[float, float, float]:
     loss, accuracy = train_one_epoch(
         run.trained, run.batches, run.optimization.criterion, run.optimization.optimizer,
         run.precision, run.device, run.world, desc=f"{run.display} {epoch}/{run.config.epochs}",
+        mix=run.mix, ema=run.ema,
     )
     run.optimization.scheduler.step()
     distributed.broadcast_buffers(run.model, run.world)
+    if run.ema is not None:  # each rank averaged its own BatchNorm statistics
+        distributed.broadcast_buffers(run.ema, run.world)
     return loss, accuracy, lr
 
 
 def save(run: ModelRun, epoch: int, improved: bool, val) -> None:
-    """best.pt when validation loss improved; last.pt (with everything to resume) always."""
+    """best.pt (the evaluated weights: the EMA's when there is one) when validation loss
+    improved; last.pt (the trained weights, their EMA, everything to resume) always."""
     rng = distributed.all_gather_objects(_rng_state(run.device), run.world)
     if not run.world.is_main:
         return
-    record = checkpoint.model_record(run.name, run.model, run.data.class_names, run.preprocessing)
     if improved:
-        checkpoint.save({**record, "epoch": epoch, "val_loss": val.loss,
+        best = checkpoint.model_record(run.name, run.evaluated, run.data.class_names, run.preprocessing)
+        checkpoint.save({**best, "epoch": epoch, "val_loss": val.loss,
                          "val_accuracy": val.accuracy}, run.best_path)
+    record = checkpoint.model_record(run.name, run.model, run.data.class_names, run.preprocessing)
+    if run.ema is not None:
+        record["ema_state"] = {k: v.detach().cpu() for k, v in run.ema.state_dict().items()}
     checkpoint.save({
         **record, "epoch": epoch, "finished": run.finished, "history": run.history,
         **run.optimization.state_dict(), "early_stopping": run.stopper.state_dict(), "rng": rng,
