@@ -4,13 +4,15 @@
 #
 #     benchmarks/gpu.sh            # tests on CUDA, then the training benchmark
 #     EPOCHS=5 benchmarks/gpu.sh   # more epochs per model (default 3)
+#     RECIPE_EPOCHS=100 benchmarks/gpu.sh   # longer recipe comparison (default 30)
 #
 # 1. The test suite, with every fixture training on the GPU (device "auto" picks CUDA); test
 #    files that need a package the machine lacks are skipped, as are browser/container tests.
 # 2. The original recipe's scale: the built-in generator at 220 images per class (1,100 images,
 #    880 train / 220 val), 224 px, batch 50, bf16 autocast + channels_last (what the trainer
 #    uses on CUDA), all three models for $EPOCHS epochs with python -m training.run; then
-#    benchmarks/train.py on the same data (real loader vs batches already on the GPU).
+#    the original against the improved recipe (benchmarks/recipes.py, $RECIPE_EPOCHS epochs each)
+#    and benchmarks/train.py on the same data (real loader vs batches already on the GPU).
 # Prints images/s per model and the estimated time of the full experiment (3 models x 30
 # epochs), and leaves logs and JSON in $OUT (or /tmp/gpu-bench).
 set -uo pipefail
@@ -18,6 +20,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu-bench}
 EPOCHS=${EPOCHS:-3}
+RECIPE_EPOCHS=${RECIPE_EPOCHS:-30}  # benchmarks.recipes: both recipes this many epochs
+export RESNET_TRIO_CACHE="${RESNET_TRIO_CACHE:-$OUT/cache}"
 WORK=$(mktemp -d /tmp/gpu-work.XXXXXX)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -83,7 +87,12 @@ estimate = 30 * total_epoch_s + overhead
 print(f"estimate for 3 models x 30 epochs: {estimate:.0f}s ({estimate / 60:.1f} min; target < 3 min)")
 EOF
 
-echo "== 3. input pipeline vs batches in GPU memory (benchmarks/train.py)"
+echo "== 3. both recipes on the same data, split and epochs (benchmarks/recipes.py; the cache is warm)"
+$PY -m benchmarks.recipes --data "$WORK/data" --image-size 224 --epochs "$RECIPE_EPOCHS" \
+  --models plain34,resnet34,resnet34_modified --out "$OUT/recipes.json" \
+  2>&1 | tee "$OUT/recipes.log" || status=1
+
+echo "== 4. input pipeline vs batches in GPU memory (benchmarks/train.py)"
 $PY -m benchmarks.train --data "$WORK/data" --models plain34,resnet34,resnet34_modified \
   --image-size 224 --batch-size 50 --rounds 2 --device cuda --out "$OUT/train.json" \
   2>&1 | tee "$OUT/train-benchmark.log" || status=1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="timed calls per engine at batch 1 (fewer at larger batches)")
     parser.add_argument("--calibration-images", type=int, default=64,
                         help="images INT8 is calibrated on (default: 64)")
+    parser.add_argument("--int8-from", metavar="DIR",
+                        help="keep float the layers that python -m export.run --quantize int8 kept "
+                        "float in DIR (its <model>.int8.json; default: every layer INT8)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for every engine (default: the cores this process may use)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -93,12 +97,22 @@ def calibration_images(run_dir: Path | None, size: int, count: int) -> np.ndarra
     return torch.stack(drawn).numpy()
 
 
-def build(name: str, run_dir: Path | None, size: int, calibration: np.ndarray, work: Path, threads: int):
+def float_layers_of(int8_dir: str | None, name: str) -> list[str]:
+    """The layers an export kept float32 (its <model>.int8.json), none without one."""
+    report = Path(int8_dir) / f"{name}.int8.json" if int8_dir else None
+    if report is None or not report.is_file():
+        return []
+    return [f["layer"] for f in json.loads(report.read_text()).get("float_layers", [])]
+
+
+def build(name: str, run_dir: Path | None, size: int, calibration: np.ndarray, work: Path, threads: int,
+          float_layers: list[str] = ()):
     """The three engines of one model, ready to call, and a few facts about them."""
     ckpt, sha = load_weights(name, run_dir, size)
     fp32_path, int8_path = work / f"{name}.onnx", work / f"{name}.int8.onnx"
     os.replace(export_model(ckpt, sha, fp32_path), fp32_path)
-    os.replace(quantize_file(fp32_path, int8_path, calibration, metadata_for(ckpt, sha, "int8")), int8_path)
+    os.replace(quantize_file(fp32_path, int8_path, calibration, metadata_for(ckpt, sha, "int8"),
+                             float_layers=float_layers), int8_path)
     model = checkpoint.rebuild_model(ckpt)
     fp32, int8 = create_session(fp32_path, threads), create_session(int8_path, threads)
     with torch.inference_mode():
@@ -110,6 +124,7 @@ def build(name: str, run_dir: Path | None, size: int, calibration: np.ndarray, w
         "int8_top1_agreement_on_calibration": agreement["top1_agreement"],
         "int8_max_abs_probability_diff": agreement["max_abs_probability_diff"],
         "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size,
+        "int8_float_layers": list(float_layers),
     }
     return model, fp32, int8, facts
 
@@ -176,7 +191,11 @@ def main(argv=None) -> int:
         calibration = calibration_images(run_dir, args.size, args.calibration_images)
         for name in names:
             print(f"{name}: exporting and quantizing ...", flush=True)
-            model, fp32, int8, facts = build(name, run_dir, args.size, calibration, Path(work), threads)
+            float_layers = float_layers_of(args.int8_from, name)
+            if float_layers:
+                print(f"  INT8 keeps float: {', '.join(float_layers)}", flush=True)
+            model, fp32, int8, facts = build(name, run_dir, args.size, calibration, Path(work), threads,
+                                             float_layers)
             sessions["fp32"][name], sessions["int8"][name] = fp32, int8
             results["models"][name] = {"facts": facts, "batches": {}}
             for batch in batches:

@@ -19,7 +19,12 @@ The recipe (each choice measured with benchmarks/inference.py; see benchmarks/RE
   kernels (two 256-entry lookup tables, an add and a multiply); see ``mish_lookup_tables``.
   Where the calibrated ranges do not allow it, Mish stays float.
 
-``python -m export.run --quantize int8`` calls ``quantize_file`` for each exported model.
+Where a model misses the fidelity targets fully INT8, a few convolutions stay float32 too, the
+fewest that a sensitivity ranking and a greedy search find (export/sensitivity.py):
+``Quantizer`` calibrates once and re-quantizes with other layers float in a second or two.
+
+``python -m export.run --quantize int8`` uses ``Quantizer`` for each exported model;
+``quantize_file`` is the one-shot form (benchmarks/inference.py).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import ast
 import os
 import tempfile
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -205,54 +211,116 @@ def mish_lookup_tables(model: onnx.ModelProto) -> int:
     return len(replacements)
 
 
+def quantizable_layers(model: onnx.ModelProto, keep_float: list[str]) -> dict[str, list[str]]:
+    """The layers a search may keep float: each integer convolution, named by its module
+    ("layer3.5.conv2"), with the Relu it alone feeds (folded into it when both are INT8)."""
+    users = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            users[name].append(node)
+    layers = {}
+    for conv in (n for n in model.graph.node if n.op_type == "Conv" and n.name not in keep_float):
+        name = conv.input[1].removeprefix("model.").removesuffix(".weight")
+        after = users[conv.output[0]]
+        relu = [after[0].name] if len(after) == 1 and after[0].op_type == "Relu" else []
+        layers[name] = [conv.name] + relu
+    return layers
+
+
+class Quantizer:
+    """One FP32 file prepared for quantize_static and calibrated once, then quantized as often
+    as a search needs, each time with other layers kept float: the calibrated ranges are
+    cached (quantize_static's calibration cache), so each file costs a second or two.
+    Use it as a context manager (its work folder) inside ``one_line_errors``."""
+
+    def __init__(self, fp32_path: Path, calibration: np.ndarray, *,
+                 method: CalibrationMethod = CalibrationMethod.MinMax, reduce_range: bool = True):
+        if len(calibration) == 0:
+            raise QuantizeError(f"{fp32_path.name}: no calibration images")
+        self.fp32_path, self.method, self.reduce_range = fp32_path, method, reduce_range
+        self.calibration = calibration[:CALIBRATION_IMAGES]
+        self._work = tempfile.TemporaryDirectory(prefix="quantize-")
+        work = Path(self._work.name)
+        self.prepared, self.cache = work / "prepared.onnx", work / "calibration.json"
+        # Shape inference only: the FP32 graph is optimised already (BatchNorm folded), and
+        # skipping ONNX Runtime's rewrite keeps the node names and metadata used below.
+        quant_pre_process(str(fp32_path), str(self.prepared), skip_optimization=True,
+                          skip_symbolic_shape=True)
+        graph = onnx.load(str(self.prepared))
+        if any(n.op_type == "Exp" for n in graph.graph.node) \
+                and not any(_metadata(n, HIERARCHY) for n in graph.graph.node):
+            raise QuantizeError(f"{fp32_path.name}: no module metadata to find its Mish layers "
+                                "by (export it with python -m export.run)")
+        _means_as_global_pools(graph)
+        onnx.save(graph, str(self.prepared))
+        self.always_float = float_nodes(graph)
+        self.layers = quantizable_layers(graph, self.always_float)
+
+    def __enter__(self) -> "Quantizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._work.cleanup()
+
+    def quantize(self, out: Path, metadata: dict[str, str], float_layers: tuple[str, ...] | list[str] = (),
+                 check: bool = True) -> Path:
+        """Write the INT8 file to ``out``, keeping ``float_layers`` (names of ``layers``) float32.
+        ``check``: run ONNX's full checker (a search's trial files, never shipped, skip it)."""
+        unknown = [layer for layer in float_layers if layer not in self.layers]
+        if unknown:
+            raise QuantizeError(f"{self.fp32_path.name}: no quantizable layer {', '.join(unknown)}")
+        exclude = self.always_float + [n for layer in float_layers for n in self.layers[layer]]
+        quantize_static(
+            str(self.prepared), str(out), _Batches(self.calibration),
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=self.reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=exclude,
+            calibrate_method=self.method, calibration_providers=["CPUExecutionProvider"],
+            calibration_cache_path=str(self.cache),
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+        proto = onnx.load(str(out))
+        mish_lookup_tables(proto)
+        set_metadata(proto, metadata)
+        onnx.save(proto, str(out))
+        if check:
+            onnx.checker.check_model(str(out), full_check=True)
+        return out
+
+
+@contextmanager
+def one_line_errors(fp32_path: Path, *partial: Path):
+    """Any failure inside -> a QuantizeError with a one-line reason; ``partial`` files removed."""
+    try:
+        yield
+    except Exception as exc:
+        for path in partial:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, QuantizeError):
+            raise
+        raise QuantizeError(f"{fp32_path.name}: quantization failed: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def temporary_path(out_path: Path, tag: str = "") -> Path:
+    """A file next to ``out_path`` that the caller renames into place once it has checked it."""
+    return out_path.with_name(f".{out_path.name}{tag}.tmp{os.getpid()}")
+
+
 def quantize_file(fp32_path: Path, out_path: Path, calibration: np.ndarray, metadata: dict[str, str],
                   *, method: CalibrationMethod = CalibrationMethod.MinMax,
-                  reduce_range: bool = True) -> Path:
+                  reduce_range: bool = True, float_layers: tuple[str, ...] | list[str] = ()) -> Path:
     """Quantize ``fp32_path`` into a temporary file next to ``out_path``; returns its path.
 
     ``calibration``: preprocessed images (N x 3 x H x W float32), N >= 1. ``metadata``
     replaces the file's metadata (normally the FP32 file's, with precision "int8").
+    ``float_layers``: layers (``quantizable_layers`` names) kept float32, as a search chose.
     The caller renames the file into place once it has checked it, as for FP32 exports.
     """
-    if len(calibration) == 0:
-        raise QuantizeError(f"{fp32_path.name}: no calibration images")
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            prepared = Path(work) / "prepared.onnx"
-            # Shape inference only: the FP32 graph is optimised already (BatchNorm folded), and
-            # skipping ONNX Runtime's rewrite keeps the node names and metadata used below.
-            quant_pre_process(str(fp32_path), str(prepared), skip_optimization=True,
-                              skip_symbolic_shape=True)
-            graph = onnx.load(str(prepared))
-            if any(n.op_type == "Exp" for n in graph.graph.node) \
-                    and not any(_metadata(n, HIERARCHY) for n in graph.graph.node):
-                raise QuantizeError(f"{fp32_path.name}: no module metadata to find its Mish layers "
-                                    "by (export it with python -m export.run)")
-            _means_as_global_pools(graph)
-            onnx.save(graph, str(prepared))
-            keep_float = float_nodes(graph)
-            quantize_static(
-                str(prepared), str(tmp), _Batches(calibration[:CALIBRATION_IMAGES]),
-                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=keep_float,
-                calibrate_method=method, calibration_providers=["CPUExecutionProvider"],
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-        proto = onnx.load(str(tmp))
-        mish_lookup_tables(proto)
-        set_metadata(proto, metadata)
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-    except QuantizeError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        raise QuantizeError(f"{fp32_path.name}: quantization failed: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return tmp
+    tmp = temporary_path(out_path)
+    with one_line_errors(fp32_path, tmp):
+        with Quantizer(fp32_path, calibration, method=method, reduce_range=reduce_range) as quantizer:
+            return quantizer.quantize(tmp, metadata, float_layers)
 
 
 def compare(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray,

@@ -3,7 +3,9 @@
 With no arguments: every model of the newest run under runs/ into models/<model>.onnx, plus
 models/manifest.json, models/<model>.parity.json, the model card models/README.md and a few
 example images for the app.
-With ``--quantize int8`` also models/<model>.int8.onnx and its report models/<model>.int8.json.
+With ``--quantize int8`` also models/<model>.int8.onnx, its report models/<model>.int8.json and
+models/<model>.int8-sensitivity.json: its layers ranked by what INT8 costs in each, where every
+layer INT8 misses the targets (or with ``--int8-search always``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,9 @@ from common.files import sha256_of, write_json
 from export import model_card
 from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for
 from export.parity import check_parity
-from export.quantize import CALIBRATION_IMAGES, compare, quantize_file
+from export.quantize import CALIBRATION_IMAGES, Quantizer, one_line_errors, compare, temporary_path
+from export.sensitivity import TARGETS as INT8_TARGETS
+from export.sensitivity import Measure, choose_float_layers, summary
 from export.triton import write_repository
 from imaging.preprocessing import Preprocessing
 from serve.predictor import create_session
@@ -35,7 +40,6 @@ from training.transforms import EvalTransform, decode
 EXAMPLES_PER_CLASS = 2
 PARITY_IMAGES = 256  # at most this many validation images go through the parity check
 INT8_REPORT_IMAGES = 1000  # at most this many validation images measure INT8 against FP32
-INT8_TARGETS = {"min_top1_agreement": 0.99, "max_accuracy_drop": 0.01}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write a Triton Inference Server model repository to DIR")
     parser.add_argument("--quantize", choices=["int8"],
                         help="also write <model>.int8.onnx: static INT8, calibrated on training images")
+    parser.add_argument("--int8-search", choices=["auto", "always", "off"], default="auto",
+                        help="with --quantize int8: rank the layers by INT8 sensitivity and keep the "
+                        "fewest float that meet the targets, for models that miss them fully INT8 "
+                        "(auto, the default), rank every model's layers too (always), or keep "
+                        "every layer INT8 (off)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--seed", type=int, help="with --seeds runs: export this seed's run "
                        "(default: each model's run with the lowest validation loss)")
@@ -140,8 +149,10 @@ def copy_examples(run_dir: Path, out_dir: Path, member: Member | None = None) ->
 
 
 def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path,
-                 member: Member) -> dict:
-    """<model>.int8.onnx from the exported FP32 file, its report, and its manifest entry."""
+                 member: Member, search: str = "auto") -> dict:
+    """<model>.int8.onnx from the exported FP32 file, with the fewest layers kept float that meet
+    the targets on the validation images (export/sensitivity.py), its report, its sensitivity
+    report and its manifest entry."""
     name, spec = entry["name"], checkpoint.preprocessing_of(ckpt)
     calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES, member)
     if not len(calibration):
@@ -149,34 +160,63 @@ def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_d
                           "to calibrate INT8 on")
     fp32_path, out_path = out_dir / entry["file"], out_dir / f"{name}.int8.onnx"
     metadata = metadata_for(ckpt, ckpt_sha256, "int8", entry["training_run"])
-    tmp = quantize_file(fp32_path, out_path, calibration, metadata)
+    images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES, member)
+    fp32_session, tmp = create_session(fp32_path), temporary_path(out_path)
     try:
-        images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES, member)
-        report = compare(create_session(fp32_path), create_session(tmp), images, labels)
+        with one_line_errors(fp32_path, tmp), Quantizer(fp32_path, calibration) as quantizer, \
+                tempfile.TemporaryDirectory(prefix="int8-search-") as work:
+            result, ranked = None, None
+            if len(images) and search != "off":
+                measure = Measure(quantizer, metadata, Path(work), fp32_session, images, labels, create_session)
+                result, ranked = choose_float_layers(measure, always_rank=search == "always")
+            quantizer.quantize(tmp, metadata, result.float_layers if result else [])
+        report = compare(fp32_session, create_session(tmp), images, labels)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     meets = report["images"] > 0 and report["top1_agreement"] >= INT8_TARGETS["min_top1_agreement"] \
-        and report["accuracy_drop"] <= INT8_TARGETS["max_accuracy_drop"]
+        and abs(report["accuracy_drop"]) <= INT8_TARGETS["max_accuracy_change"]
+    sensitivity_file = out_dir / f"{name}.int8-sensitivity.json"
     report = {"model": name, "file": out_path.name, "fp32_file": fp32_path.name,
               "calibration_images": len(calibration), "validation": report,
-              "targets": INT8_TARGETS, "meets_targets": meets}
+              "targets": INT8_TARGETS, "meets_targets": meets,
+              **float_layer_report(result, ranked, sensitivity_file.name)}
     write_json(out_dir / f"{name}.int8.json", report)
+    if ranked is not None:
+        write_json(sensitivity_file, {"model": name, **ranked})
+    else:
+        sensitivity_file.unlink(missing_ok=True)
+    if result is not None:
+        print(summary(name, result, ranked), flush=True)
     val = report["validation"]
-    summary = "no validation images" if not val["images"] else (
+    line = "no validation images" if not val["images"] else (
         f"top-1 agreement {val['top1_agreement']:.1%}, accuracy FP32 {val['fp32_accuracy']:.1%} "
         f"-> INT8 {val['int8_accuracy']:.1%} on {val['images']} validation images"
         + ("" if val["heatmap_correlation"] is None else
            f", heatmap correlation {val['heatmap_correlation']:.3f}"))
-    print(f"{name}: INT8 {summary}" + ("" if meets else " (below the targets)"), flush=True)
+    print(f"{name}: INT8 {line}" + ("" if meets else " (below the targets)"), flush=True)
     return {**{k: v for k, v in entry.items() if k != "parity"}, "file": out_path.name,
             "precision": "int8", "exported_at": metadata["exported_at"],
             "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
             "quantization": report}
 
 
+def float_layer_report(result, ranked: dict | None, sensitivity_file: str) -> dict:
+    """The INT8 report's record of the layers kept float32, why, and the search that chose them."""
+    if result is None:
+        return {"float_layers": [], "search": None}
+    alone = {r["layer"]: r for r in ranked["layers"]}
+    return {
+        "float_layers": [{"layer": layer, "sensitivity_rank": alone[layer]["rank"],
+                          "top1_agreement_alone_float": alone[layer]["top1_agreement"]}
+                         for layer in result.float_layers],
+        "search": {"sensitivity_file": sensitivity_file, "met_targets": result.met,
+                   "all_int8": result.all_int8, "final": result.final, "steps": result.steps},
+    }
+
+
 def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: str | None = None,
-               member: Member | None = None) -> list[dict]:
+               member: Member | None = None, search: str = "auto") -> list[dict]:
     """Manifest entries: the FP32 file's, then (with ``quantize``) the INT8 file's."""
     member = member or Member(None, 0)
     ckpt_path = member.folder(run_dir, name) / "best.pt"
@@ -213,7 +253,7 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
         "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
         "parity": report.as_dict(),
     }
-    return [entry] + ([quantize_one(entry, ckpt, ckpt_sha256, run_dir, out_dir, member)] if quantize else [])
+    return [entry] + ([quantize_one(entry, ckpt, ckpt_sha256, run_dir, out_dir, member, search)] if quantize else [])
 
 
 def main(argv=None) -> int:
@@ -237,7 +277,8 @@ def export(args: argparse.Namespace) -> int:
     for name in names:
         if chosen[name].label:
             print(f"{name}: the {chosen[name].label} run", flush=True)
-    exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize, chosen[name]) for name in names]
+    exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize, chosen[name],
+                          args.int8_search) for name in names]
     # FP32 entries first: a reader that ignores "precision" still finds one file per model.
     entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
               [e for per_model in exported for e in per_model if e["precision"] != "fp32"]

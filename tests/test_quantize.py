@@ -11,7 +11,8 @@ import torch
 
 from conftest import EASY_MODELS, TINY_SIZE
 from export.onnx_export import INPUT_NAME, METADATA_KEYS
-from export.quantize import MISH_GATE_FITS, QuantizeError, compare, quantize_file
+from export.quantize import MISH_GATE_FITS, QuantizeError, Quantizer, compare, quantize_file
+from export.sensitivity import Measure, SearchResult, rank_layers, search, summary
 from export.run import split_images
 from imaging.preprocessing import Preprocessing
 from serve.predictor import Predictor, create_session
@@ -24,8 +25,10 @@ def int8_export(trained_run, tmp_path_factory):
     from export.run import main
 
     out = tmp_path_factory.mktemp("int8") / "models"
+    # One-epoch models sit near ties and miss the targets: their layer search (tested on its
+    # own below) would multiply this fixture's time, so it is off here.
     assert main(["--run", str(trained_run), "--out", str(out), "--models", ",".join(QUANTIZED),
-                 "--quantize", "int8"]) == 0
+                 "--quantize", "int8", "--int8-search", "off"]) == 0
     return out
 
 
@@ -167,6 +170,10 @@ def test_int8_meets_the_fidelity_targets_on_decisive_models(easy_run, easy_int8,
     assert val["fp32_accuracy"] >= 0.9  # a decisive model, so agreement is a fair test
     assert val["top1_agreement"] >= 0.99 and abs(val["accuracy_drop"]) <= 0.01
     assert report["meets_targets"]
+    # Fully INT8 meets them: no layer stays float and no ranking was needed.
+    assert report["float_layers"] == [] and report["search"]["final"] == report["search"]["all_int8"]
+    sensitivity = json.loads((easy_int8 / f"{name}.int8-sensitivity.json").read_text())
+    assert sensitivity["layers"] == [] and "skipped" in sensitivity
     # Recomputed here rather than trusted from the report.
     images, labels, _ = split_images(easy_run, "val", Preprocessing(input_size=(TINY_SIZE, TINY_SIZE)), 1000)
     fp32 = create_session(easy_int8 / f"{name}.onnx").run(None, {INPUT_NAME: images})[1]
@@ -195,3 +202,63 @@ def test_run_without_training_images_fails_cleanly(trained_run, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "calibrate" in err[0], err
     assert not (out / "resnet34.int8.onnx").exists()
+
+
+def _fake_measure(agreement_of):
+    """A measure whose agreement is ``agreement_of(float_layers)``; KL falls with each float layer."""
+    calls = []
+
+    def measure(layers, images=None):
+        calls.append(list(layers))
+        return {"top1_agreement": agreement_of(set(layers)), "accuracy_change": 0.0,
+                "kl_divergence": 1.0 / (1 + len(layers)), "mean_abs_probability_diff": 0.0}
+    measure.calls = calls
+    return measure
+
+
+def test_search_keeps_float_only_the_layers_the_targets_need():
+    # "a" lowers the KL divergence but no agreement (kept for now); "b" with it meets the target;
+    # the targets hold without "a", so it is made INT8 again; "c" is never tried.
+    measure = _fake_measure(lambda layers: 0.995 if "b" in layers else 0.95)
+    result = search(measure, ["a", "b", "c"])
+    assert result.met and result.float_layers == ["b"]
+    assert measure.calls == [[], ["a"], ["a", "b"], ["b"]]
+    assert [s["kept"] for s in result.steps] == [True, True, True]
+    assert result.all_int8["top1_agreement"] == 0.95 and result.final["top1_agreement"] == 0.995
+
+
+def test_search_stops_at_its_cap_and_keeps_the_best_found():
+    measure = _fake_measure(lambda layers: 0.95 + 0.005 * len(layers))  # each layer helps a little
+    result = search(measure, [f"l{i}" for i in range(20)], max_float=3)
+    assert not result.met and result.float_layers == ["l0", "l1", "l2"]
+    assert result.final["top1_agreement"] == pytest.approx(0.965)
+    ranked = {"layers": [{"layer": f"l{i}", "rank": i + 1} for i in range(20)]}
+    line = summary("plain34", result, ranked)
+    assert "kept float l0 (#1), l1 (#2), l2 (#3)" in line and "warning" in line
+    assert "95.0%" in line and "96.5%" in line
+    met = SearchResult([], result.all_int8, result.all_int8, True)
+    assert summary("resnet34", met, {"layers": []}).startswith("resnet34: every layer INT8")
+
+
+def test_sensitivity_ranks_real_layers_and_a_float_layer_stays_float(trained_run, int8_export, tmp_path):
+    spec = Preprocessing(input_size=(TINY_SIZE, TINY_SIZE))
+    calibration, _, _ = split_images(trained_run, "train", spec, 32)
+    images, labels, _ = split_images(trained_run, "val", spec, 40)
+    fp32_path = int8_export / "resnet34.onnx"
+    with Quantizer(fp32_path, calibration) as quantizer:
+        layers = list(quantizer.layers)
+        assert layers[:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"] and "layer2.0.downsample.0" in layers
+        measure = Measure(quantizer, {"precision": "int8"}, tmp_path, create_session(fp32_path), images,
+                          labels, create_session)
+        ranked = rank_layers(measure, layers=["layer1.0.conv1", "layer4.2.conv2", "layer3.0.conv1"])
+        path = quantizer.quantize(tmp_path / "kept.int8.onnx", {"precision": "int8"}, ["layer4.2.conv2"])
+    rows = ranked["layers"]
+    assert [r["rank"] for r in rows] == [1, 2, 3] and ranked["images"] == len(images)
+    keys = [(-r["top1_agreement"], r["kl_divergence"]) for r in rows]
+    assert keys == sorted(keys) and {r["layer"] for r in rows} == {"layer1.0.conv1", "layer4.2.conv2", "layer3.0.conv1"}
+    assert all(r["kl_divergence"] != ranked["all_int8"]["kl_divergence"] for r in rows)  # each file differs
+    model = onnx.load(str(path))
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert "model.layer4.2.conv2.weight" in conv_weights & floats  # read as float32, no DequantizeLinear
+    assert not {"model.layer4.2.conv1.weight", "model.layer1.0.conv1.weight"} & conv_weights
