@@ -328,7 +328,8 @@ def test_a_run_with_a_test_split_reports_test_metrics(spied_run):
 def test_training_learns_easy_data(easy_run, name):
     report = json.loads((easy_run / name / "report.json").read_text())
     history = torch.load(easy_run / name / "last.pt", weights_only=True)["history"]
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # (a later epoch, not the last: with 12 batches of 8 one epoch's loss may jump)
+    assert min(row["train_loss"] for row in history[1:]) < history[0]["train_loss"]
     assert report["val_accuracy"] >= 0.9  # chance is 0.5
 
 
