@@ -156,6 +156,21 @@ def test_bad_files_are_remembered_and_reported_again(tmp_path, counted):
     assert counted.count(str(broken)) == 1
 
 
+def test_a_file_that_could_not_be_read_is_tried_again_next_run(tmp_path, monkeypatch):
+    paths = _write(tmp_path / "images", 2)
+    real = image_cache.imaging.load_rgb
+
+    def locked(path, *args):
+        if path == paths[1]:
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args)
+    monkeypatch.setattr(image_cache.imaging, "load_rgb", locked)
+    first = decode_files(paths, [SPEC], tmp_path / "cache")
+    assert first.good == [0] and "Permission denied" in first.bad[0]["reason"]
+    monkeypatch.setattr(image_cache.imaging, "load_rgb", real)  # e.g. after chmod, same size and time
+    assert decode_files(paths, [SPEC], tmp_path / "cache").good == [0, 1]
+
+
 @pytest.mark.parametrize("damage", ["index", "pixels", "format"])
 def test_a_damaged_cache_is_rebuilt_with_a_notice(tmp_path, counted, capsys, damage):
     paths = _write(tmp_path / "images", 3)

@@ -177,8 +177,8 @@ FLAG_HELP = {
     "cutmix_alpha": "CutMix's Beta(alpha, alpha) area (0: CutMix off)",
     "ema_decay": "exponential moving average of the weights (0: off); the average is what is "
                  "validated, saved as best.pt and exported",
-    "precision": "auto: bfloat16 autocast on GPUs and on CPUs with native bfloat16 (AVX-512 BF16, "
-                 "AMX), else float32; or float32, bfloat16",
+    "precision": "auto: bfloat16 autocast on GPUs (float16 where they lack bfloat16) and on CPUs "
+                 "with native bfloat16 (AVX-512 BF16, AMX), else float32; or float32, bfloat16",
     "cache_dir": "folder for the decoded-image cache (default: $RESNET_TRIO_CACHE, else "
                  "$XDG_CACHE_HOME/resnet-trio, else ~/.cache/resnet-trio)",
     "no_cache": "keep decoded images in memory only, as small data can afford",

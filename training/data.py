@@ -183,6 +183,8 @@ class SplitImages:
 
     def concat(self, other: "SplitImages") -> "SplitImages":
         both = self.train_images is not None and other.train_images is not None
+        if not both and (self.train_images is not None or other.train_images is not None):
+            raise ValueError("only splits that both have (or both lack) training copies can be joined")
         return SplitImages(self.images.concat(other.images), torch.cat([self.labels, other.labels]),
                            self.paths + other.paths,
                            self.train_images.concat(other.train_images) if both else None)

@@ -97,10 +97,10 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, precision: P
     loss_sum = correct = count = 0.0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if world.is_main else True)
     for images, labels in bar:
-        images = precision.layout(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if mix is not None:
             images, labels = mix(images, labels)
+        images = precision.layout(images)  # after mixing, which returns contiguous tensors
         with precision.autocast():
             logits = model(images)
             loss = criterion(logits, labels)

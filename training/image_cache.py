@@ -11,7 +11,8 @@ Layout: ``<cache dir>/<size>-<interpolation>-pil<version>-v<FORMAT>/`` holds
 - ``index.json``: ``{"format", "shape", "count", "rows": {file key: row}, "failed": {file key: reason}}``.
 A file's key is its absolute path, size and modification time, so a changed file is decoded
 again under its new key (its old row stays, unused: delete the folder to reclaim the space),
-and a file that could not be decoded is reported again without being opened again. One lock
+and a file that is not an image Pillow decodes is reported again without being opened again
+(a file that could not be read, e.g. for its permissions, is tried again next run). One lock
 for the whole cache: the processes of one machine (torchrun) take turns, so the first decodes
 and the others find everything in place. An unreadable cache is rebuilt with a one-line notice.
 
@@ -35,11 +36,13 @@ import torch
 from filelock import FileLock
 
 import imaging
+from common.errors import UserError
 from common.files import write_json
 from imaging.preprocessing import Preprocessing
 
 FORMAT = 1  # bump when the layout or the decoding changes: old folders are then left unused
-INDEX_EVERY = 2000  # rows between index writes, so a killed first run keeps most of its work
+FIRST_INDEX_WRITE = 2000  # files decoded before the index is first written, then at 2x, 4x, ...:
+# a killed first run keeps most of its work, and the index is not rewritten per file
 
 
 def default_cache_dir() -> Path:
@@ -140,25 +143,35 @@ def decode_files(paths: list[str], specs: list[Preprocessing], cache_dir: Path |
     if cache_dir is None:
         return _decode_in_memory(paths, specs, processes)
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir / ".lock")):
-        shards = [_Shard(cache_dir, spec) for spec in specs]
-        keys = [_file_key(p) for p in paths]
-        missing = [i for i, key in enumerate(keys) if key and not all(s.knows(key) for s in shards)]
-        results = _decode_stream([paths[i] for i in missing], specs, processes)
-        for done, (i, result) in enumerate(zip(missing, results), start=1):
-            for n, shard in enumerate(shards):
-                if not shard.knows(keys[i]):
-                    shard.add(keys[i], result if isinstance(result, str) else result[n])
-            if done % INDEX_EVERY == 0:
-                for shard in shards:
-                    shard.save()
-        for shard in shards:
-            shard.save()
+    unreadable = {}  # position -> why, for failures worth trying again next run
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache_dir / ".lock")):
+            shards = [_Shard(cache_dir, spec) for spec in specs]
+            keys = [_file_key(p) for p in paths]
+            missing = [i for i, key in enumerate(keys) if key and not all(s.knows(key) for s in shards)]
+            results = _decode_stream([paths[i] for i in missing], specs, processes)
+            next_save = FIRST_INDEX_WRITE
+            for done, (i, result) in enumerate(zip(missing, results), start=1):
+                if isinstance(result, _Unreadable):
+                    unreadable[i] = result.reason
+                    continue
+                for n, shard in enumerate(shards):
+                    if not shard.knows(keys[i]):
+                        shard.add(keys[i], result if isinstance(result, str) else result[n])
+                if done == next_save:
+                    next_save *= 2
+                    for shard in shards:
+                        shard.save()
+            for shard in shards:
+                shard.save()
+    except PermissionError as exc:
+        raise UserError(f"cannot write the decoded-image cache in '{cache_dir}' ({exc.strerror}); "
+                        "choose another folder with --cache-dir, or --no-cache") from None
     good, bad = [], []
     for i, (path, key) in enumerate(zip(paths, keys)):
-        reason = next((s.failed[key] for s in shards if key in s.failed), None) if key \
-            else "cannot read file (it disappeared)"
+        reason = unreadable.get(i) or next((s.failed[key] for s in shards if key in s.failed), None) \
+            if key else "cannot read file (it disappeared)"
         if reason:
             bad.append({"path": path, "reason": reason})
         else:
@@ -171,8 +184,8 @@ def decode_files(paths: list[str], specs: list[Preprocessing], cache_dir: Path |
 def _decode_in_memory(paths, specs, processes) -> Decoded:
     arrays, good, bad = [[] for _ in specs], [], []
     for i, result in enumerate(_decode_stream(paths, specs, processes)):
-        if isinstance(result, str):
-            bad.append({"path": paths[i], "reason": result})
+        if isinstance(result, (str, _Unreadable)):
+            bad.append({"path": paths[i], "reason": str(result)})
             continue
         good.append(i)
         for n, array in enumerate(result):
@@ -180,6 +193,14 @@ def _decode_in_memory(paths, specs, processes) -> Decoded:
     images = [ImageRows.of(np.stack(a) if a else np.empty((0, 3, *s.input_size), np.uint8))
               for a, s in zip(arrays, specs)]
     return Decoded(images, good, bad)
+
+
+class _Unreadable(str):
+    """Why a file could not be read (not: is no image): not remembered, tried again next run."""
+
+    @property
+    def reason(self) -> str:
+        return str(self)
 
 
 def _decode_one(job: tuple[str, list[Preprocessing]]) -> list[np.ndarray] | str:
@@ -191,11 +212,11 @@ def _decode_one(job: tuple[str, list[Preprocessing]]) -> list[np.ndarray] | str:
     except imaging.ImageError as exc:
         return str(exc)
     except OSError as exc:  # e.g. permission denied
-        return f"cannot read file ({exc.strerror or exc})"
+        return _Unreadable(f"cannot read file ({exc.strerror or exc})")
 
 
 def _decode_stream(paths: list[str], specs: list[Preprocessing], processes: int) -> Iterable:
-    """Each file's ``_decode_one`` result, in order, as they come (never all held at once)."""
+    """Each file's ``_decode_one`` result, in order, as the pool delivers them."""
     jobs = [(p, specs) for p in paths]
     if processes <= 1 or len(jobs) <= 64:
         yield from map(_decode_one, jobs)
@@ -231,6 +252,7 @@ class _Shard:
                 print(f"decoded-image cache '{self.folder}' is unreadable ({exc}); rebuilding it",
                       flush=True)
                 self.count, self.rows, self.failed = 0, {}, {}
+                self.pixels.unlink(missing_ok=True)  # a run still reading the old file keeps it
         with open(self.pixels, "ab") as f:  # drop rows written after the last index (a killed run)
             f.truncate(self.count * self.row_bytes)
         self._out = None
