@@ -159,8 +159,8 @@ def decode_files(paths: list[str], specs: list[Preprocessing], cache_dir: Path |
                 for n, shard in enumerate(shards):
                     if not shard.knows(keys[i]):
                         shard.add(keys[i], result if isinstance(result, str) else result[n])
-                if done == next_save:
-                    next_save *= 2
+                if done >= next_save:
+                    next_save = 2 * done
                     for shard in shards:
                         shard.save()
             for shard in shards:
