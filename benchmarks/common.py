@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -107,3 +108,14 @@ def command_line(argv: list[str] | None, module: str) -> str:
 
     args = sys.argv[1:] if argv is None else argv
     return " ".join(["python -m", module, *args])
+
+
+def model_names(text: str) -> list[str] | None:
+    """A --models value as a list of registry names, or None after printing what is wrong."""
+    from training.models import MODEL_NAMES
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names or any(n not in MODEL_NAMES for n in names):
+        print(f"error: --models must name some of {', '.join(MODEL_NAMES)}", file=sys.stderr)
+        return None
+    return names

@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, command_line, machine, markdown_table, write_json
+from benchmarks.common import model_names, RESULTS_DIR, command_line, machine, markdown_table, write_json
 from training.config import ORIGINAL, QUICK_PROFILE
-from training.models import MODEL_NAMES
 from training.run import main as train_main
 from training.study import run_members
 
@@ -78,9 +77,8 @@ def collect(run_dir: Path, names: list[str]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not names or any(n not in MODEL_NAMES for n in names):
-        print(f"error: --models must name some of {', '.join(MODEL_NAMES)}", file=sys.stderr)
+    names = model_names(args.models)
+    if names is None:
         return 2
     with tempfile.TemporaryDirectory(prefix="recipes-") as scratch:
         runs = Path(args.runs) if args.runs else Path(scratch)

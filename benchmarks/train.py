@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, command_line, machine, markdown_table, write_json
+from benchmarks.common import model_names, RESULTS_DIR, command_line, machine, markdown_table, write_json
 from training import distributed
 from training.config import QUICK_PROFILE, ConfigError, TrainConfig, make_config
 from training.data import DataError, index_image_folder, prepare_data
 from training.engine import Precision, train_one_epoch
-from training.models import MODEL_NAMES, create_model
+from training.models import create_model
 from training.recipe import build_optimization
 from training.synthetic import ensure_builtin_dataset
 from training.trainer import (cache_dir_for, default_workers, preprocessing_for, train_loader,
@@ -104,9 +104,8 @@ def benchmark_model(name: str, data, config: TrainConfig, rounds: int, device: t
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not names or any(n not in MODEL_NAMES for n in names):
-        print(f"error: --models must name some of {', '.join(MODEL_NAMES)}", file=sys.stderr)
+    names = model_names(args.models)
+    if names is None:
         return 2
     root = Path(args.data) if args.data else ensure_builtin_dataset()
     try:
