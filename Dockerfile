@@ -13,14 +13,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# The base and "serve" dependencies, read from pyproject.toml (their one home); this layer is
-# rebuilt only when pyproject.toml changes, not when the code or the models do.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-                   print('\n'.join(project['dependencies'] + project['optional-dependencies']['serve']))" \
-        > /tmp/serve-requirements.txt \
-    && pip install --no-cache-dir -r /tmp/serve-requirements.txt \
-    && rm /tmp/serve-requirements.txt
+# The base and "serve" dependencies, exactly as locked with hashes in requirements/serve.lock
+# (made from pyproject.toml by scripts/lock-serve); this layer is rebuilt only when the lock
+# changes, not when the code or the models do.
+COPY requirements/serve.lock /tmp/serve.lock
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/serve.lock && rm /tmp/serve.lock
 
 # The app runs from source: serve/ and the torch-free packages it shares with training.
 COPY common/ common/

@@ -3,14 +3,17 @@
     POST /api/v1/classify   one image (multipart field "file", or the raw body with an image/*
                             content type) -> {"results": [one /classify result per model]}
     GET  /api/v1/models     the served models and their metadata
-    GET  /healthz           200 while the process serves
-    GET  /readyz            200 once every model is loaded and warmed and the queue runs, else 503
-    GET  /api/v1/openapi.json   the OpenAPI schema of these routes
+    GET  /healthz           200 while the process serves (liveness)
+    GET  /readyz            200 while it should get traffic; 503 once it is stopping or a request
+                            has run past the deadline (readiness)
+    GET  /api/v1/openapi.json   the OpenAPI schema of these routes, its result schema generated
+                            from the service's own result model
 
 Errors are {"error": "..."}: 400 for a file that is not a usable image (the page's message),
 413 above the upload limit, 415 for a body that is neither, 503 with Retry-After when the
-line is full, 500 (logged, never a traceback) for anything else. Classification shares the
-page's concurrency limit (serve/gate.py).
+line is full or the request ran past the deadline, 500 (logged, never a traceback) for anything
+else. Classification is the service's (serve/service.py): the page's concurrency limit and
+deadline. Imports no Gradio: the page is mounted on this app by serve/app.py.
 """
 from __future__ import annotations
 
@@ -19,32 +22,20 @@ import logging
 import tempfile
 from typing import Optional
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from serve.catalog import Catalog
-from serve.gate import Gate, QueueFull
-from serve.guard import UploadsOnly
-from serve.ui import NO_IMAGE, ClassifyError, classify_source
+from serve.access_log import AccessLog
+from serve.guard import SPOOL_BYTES, Guard, UploadFolder
+from serve.service import NO_IMAGE, Busy, ClassifyError, ModelResult, Service
 
 log = logging.getLogger("serve")
-SPOOL_BYTES = 1 << 20  # a raw body above this waits on disk, not in memory
-
-
-class Result(BaseModel):
-    model: str
-    display_name: str
-    precision: str
-    top_class: str
-    confidences: dict[str, float]
-    milliseconds: float
 
 
 class Results(BaseModel):
-    results: list[Result]
+    results: list[ModelResult]
 
 
 class Model(BaseModel):
@@ -69,29 +60,8 @@ class Status(BaseModel):
     status: str
 
 
-class TooLarge(Exception):
-    pass
-
-
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def limited(request: Request, limit: int) -> Request:
-    """The same request, raising TooLarge once more than ``limit`` body bytes have arrived
-    (a chunked upload has no Content-Length to check first)."""
-    received = 0
-
-    async def receive():
-        nonlocal received
-        message = await request.receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise TooLarge
-        return message
-
-    return Request(request.scope, receive)
 
 
 IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
@@ -103,18 +73,22 @@ CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
 ERRORS = {400: {"model": Problem, "description": "not a usable image"},
           413: {"model": Problem, "description": "above the upload limit"},
           415: {"model": Problem, "description": "neither multipart nor an image body"},
-          503: {"model": Problem, "description": "the line is full; see Retry-After"}}
+          503: {"model": Problem, "description": "the line is full, or the request ran past the "
+                                                 "deadline; see Retry-After"}}
 
 
-def create_app(catalog: Catalog, gate: Gate, max_pixels: int, max_upload_bytes: int) -> FastAPI:
-    """The FastAPI app the Gradio page is then mounted on (gr.mount_gradio_app)."""
-    state = {"ready": False}
-
+def create_app(service: Service, max_upload_bytes: int, upload_folder: UploadFolder | None = None,
+               body_seconds: float | None = None) -> FastAPI:
+    """The FastAPI app the Gradio page is then mounted on (gr.mount_gradio_app); the guard and
+    the access log wrap every route, the page's included."""
+    catalog, gate = service.catalog, service.gate
     app = FastAPI(title="ResNet-34 trio", version="1", openapi_url="/api/v1/openapi.json",
                   docs_url=None, redoc_url=None,
                   description="Classify an image with every served model; the same results "
                               "as the page's /classify.")
-    app.add_middleware(UploadsOnly)
+    guard = {"body_seconds": body_seconds} if body_seconds else {}
+    app.add_middleware(Guard, upload_folder=upload_folder, max_upload_bytes=max_upload_bytes, **guard)
+    app.add_middleware(AccessLog)  # outermost: refusals are logged too
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -130,73 +104,54 @@ def create_app(catalog: Catalog, gate: Gate, max_pixels: int, max_upload_bytes: 
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Status, responses={503: {"model": Problem}},
-             summary="200 once the models are loaded and warmed, else 503")
+             summary="200 while the server should get traffic, else 503 with the reason")
     async def readyz():
-        if not state["ready"]:
-            return error(503, "starting")
+        problem = service.problem()
+        if problem:
+            return error(503, problem)
         return {"status": "ready"}
 
     @app.get("/api/v1/models", response_model=Models, summary="The served models")
     async def models():
         return {"models": catalog.describe()}
 
-    @app.post("/api/v1/classify", response_model=Results, responses=ERRORS, openapi_extra=CLASSIFY_BODY,
+    @app.post("/api/v1/classify", response_model=Results, response_model_exclude_none=True,
+              responses=ERRORS, openapi_extra=CLASSIFY_BODY,
               summary="Classify one image with every served model")
     async def classify(request: Request):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_upload_bytes:
-            return error(413, f"upload above the limit of {max_upload_bytes:,} bytes")
-        if gate.full():  # before the body is read: a busy server does not take the upload
+        if gate.full():  # a busy server does not parse the upload
             return error(503, "the server is busy; retry later", {"Retry-After": str(gate.retry_after())})
+        too_large = f"upload above the limit of {max_upload_bytes:,} bytes"
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         async with contextlib.AsyncExitStack() as stack:
+            if kind == "multipart/form-data":
+                form = await stack.enter_async_context(request.form(max_files=1, max_fields=8))
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    return error(400, f"{NO_IMAGE.split('(')[0].strip()}: send it as the "
+                                      "multipart field 'file'")
+                if upload.size is not None and upload.size > max_upload_bytes:
+                    return error(413, too_large)
+                source = upload.file
+            elif kind.startswith("image/") or kind == "application/octet-stream":
+                source = stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES))
+                async for chunk in request.stream():  # already bounded by the guard
+                    source.write(chunk)
+                if source.tell() > max_upload_bytes:
+                    return error(413, too_large)
+                if source.tell() == 0:
+                    return error(400, "Cannot classify this file: empty file (0 bytes).")
+                source.seek(0)
+            else:
+                return error(415, "send the image as the multipart field 'file' or as the raw "
+                                  "body with an image/* content type")
             try:
-                if kind == "multipart/form-data":
-                    form = await stack.enter_async_context(
-                        limited(request, max_upload_bytes).form(max_files=1, max_fields=8))
-                    upload = form.get("file")
-                    if upload is None or isinstance(upload, str):
-                        return error(400, f"{NO_IMAGE.split('(')[0].strip()}: send it as the "
-                                          "multipart field 'file'")
-                    source = upload.file
-                elif kind.startswith("image/") or kind == "application/octet-stream":
-                    source = stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES))
-                    async for chunk in limited(request, max_upload_bytes).stream():
-                        source.write(chunk)
-                    if source.tell() == 0:
-                        return error(400, "Cannot classify this file: empty file (0 bytes).")
-                    source.seek(0)
-                else:
-                    return error(415, "send the image as the multipart field 'file' or as the raw "
-                                      "body with an image/* content type")
-            except TooLarge:
-                return error(413, f"upload above the limit of {max_upload_bytes:,} bytes")
-            try:
-                async with gate.slot(turn_away_when_full=True):
-                    results = await anyio.to_thread.run_sync(classify_source, catalog, source, max_pixels)
-            except QueueFull as exc:
+                classification = await service.classify(source)
+            except Busy as exc:
                 return error(503, str(exc), {"Retry-After": str(exc.retry_after)})
             except ClassifyError as exc:
-                return error(exc.status, str(exc))
-        return JSONResponse({"results": results})
+                headers = {"Retry-After": "1"} if exc.status == 503 else None
+                return error(exc.status, str(exc), headers)
+        return JSONResponse({"results": [r.model_dump(exclude_none=True) for r in classification.results]})
 
-    app.state.serving = state
     return app
-
-
-def mark_ready_when_started(app: FastAPI) -> None:
-    """Wrap the app's lifespan (after gr.mount_gradio_app has added the queue's start to it):
-    /readyz says ready from the moment the queue runs until shutdown begins."""
-    inner = app.router.lifespan_context
-    state = app.state.serving
-
-    @contextlib.asynccontextmanager
-    async def lifespan(a):
-        async with inner(a) as value:
-            state["ready"] = True
-            try:
-                yield value
-            finally:
-                state["ready"] = False
-
-    app.router.lifespan_context = lifespan

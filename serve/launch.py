@@ -19,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class AppUrl(str):
-    """The app's URL, carrying its process (``.process``) for callers that watch it."""
+    """The app's URL, carrying its process (``.process``) and its output so far (``.output()``)
+    for callers that watch it."""
 
     process: subprocess.Popen
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,7 +70,7 @@ def running_app(models: str | os.PathLike, *args: str, port: int | None = None, 
     url = AppUrl(f"http://127.0.0.1:{port}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", **(env or {})}
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.NamedTemporaryFile("w+", prefix="serve-app-", suffix=".log") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "serve.app", "--models", str(models), "--port", str(port), *args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -75,7 +80,7 @@ def running_app(models: str | os.PathLike, *args: str, port: int | None = None, 
             except (RuntimeError, TimeoutError) as exc:
                 log.seek(0)
                 raise RuntimeError(f"{exc}; its output:\n{log.read()[-3000:]}") from None
-            url.process = process
+            url.process, url.log_path = process, Path(log.name)
             yield url
         finally:
             stop(process)

@@ -112,11 +112,12 @@ class Predictor:
         """Class probabilities for a preprocessed N x 3 x H x W batch."""
         return self.session.run([self.probability_output], {self.input_name: batch})[0]
 
-    def predict(self, image: Image.Image) -> Prediction:
-        """Probabilities of every class and, where the file has them, every class's heatmap."""
+    def predict(self, image: Image.Image, run_options: ort.RunOptions | None = None) -> Prediction:
+        """Probabilities of every class and, where the file has them, every class's heatmap
+        (``run_options.terminate = True`` from another thread stops a run in progress)."""
         started = time.perf_counter()
         wanted = [self.probability_output] + (["heatmaps"] if self.has_heatmaps else [])
-        outputs = self.session.run(wanted, {self.input_name: self.preprocess(image)})
+        outputs = self.session.run(wanted, {self.input_name: self.preprocess(image)}, run_options)
         elapsed = (time.perf_counter() - started) * 1000
         probs = outputs[0][0]
         return Prediction(

@@ -73,24 +73,25 @@ def test_results_carry_the_top_class_heatmap(app_url, exported_models):
 def test_the_page_draws_the_chosen_class_heatmap_over_the_image(exported_models):
     from imaging.heatmap import overlay
     from serve.catalog import load_catalog
-    from serve.ui import TOP_CLASS, overlays_for_class, overlays_of, preview
+    from serve.gate import Gate
+    from serve.service import Service, fit_preview
 
     catalog = load_catalog(exported_models)
+    service = Service(catalog, Gate(1, 1))
     example = exported_models / json.loads((exported_models / "manifest.json").read_text())["examples"][0]
     image = imaging.load_rgb(example)
-    small = preview(example, imaging.SERVING_MAX_PIXELS)
-    assert max(small.size) <= 320
+    small = fit_preview(image)
+    assert max(small.size) == 320
     chosen = catalog.class_names[-1]
-    drawn = overlays_for_class(catalog, example, imaging.SERVING_MAX_PIXELS, chosen)
+    drawn = service.classify_now(example, chosen, overlays=True).overlays
     for picture, predictor in zip(drawn, catalog.predictors):
         expected = overlay(small, predictor.predict(image).heatmap(chosen))
         assert picture.size == small.size
         np.testing.assert_array_equal(np.asarray(picture), np.asarray(expected))
-    # Each model's own top class: the same pictures the /classify results give.
-    results = [{"heatmap": p.predict(image).heatmap().tolist()} for p in catalog.predictors]
-    tops = overlays_for_class(catalog, example, imaging.SERVING_MAX_PIXELS, TOP_CLASS)
-    for a, b in zip(tops, overlays_of(results, example, imaging.SERVING_MAX_PIXELS)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Each model's own top class by default: the pictures of the results' own heatmaps.
+    answer = service.classify_now(example, None, overlays=True)
+    for picture, predictor in zip(answer.overlays, catalog.predictors):
+        np.testing.assert_array_equal(np.asarray(picture), np.asarray(overlay(small, predictor.predict(image).heatmap())))
 
 
 def test_simultaneous_clients_all_get_answers(app_url, exported_models):

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.container
 
 TOOLS = Path(os.environ.get("CONTAINER_TOOLS", ROOT.parent / "shared" / "tools"))
 TAG = "resnet-trio:test"
-CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
+CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "requirements/serve.lock")
 CONTEXT_PACKAGES = ("common", "imaging", "serve")
 HEALTH_TIMEOUT = 300
 
@@ -59,6 +59,7 @@ def image(podman_env, exported_models, tmp_path_factory):
     context.mkdir()
     for name in CONTEXT_FILES:
         if (ROOT / name).exists():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, context / name)
     for package in CONTEXT_PACKAGES:
         shutil.copytree(ROOT / package, context / package,
