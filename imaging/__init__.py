@@ -7,7 +7,8 @@ Both sides must turn the same file into the same pixels, so the rules live here 
 - EXIF orientation is applied;
 - animated images use their first frame;
 - every mode becomes 8-bit RGB the same way (see ``to_rgb``), without float or full-size
-  temporary copies, so a decoded image costs about twice its RGB size at most;
+  temporary copies; what decoding a file will cost is estimated from its header (decode_cost)
+  and the serving side refuses what would take more than its memory bound;
 - the model input is the RGB image resized as ``imaging.preprocessing.Preprocessing`` says.
 """
 from __future__ import annotations
@@ -28,11 +29,22 @@ BACKGROUND = (255, 255, 255)
 # cameras, is opened by the JPEG plugin). Everything else is refused before any decoder runs.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 FORMAT_NAMES = "JPEG, PNG, GIF, BMP, WebP or TIFF"
-# What the serving side allows (the app, serve.predict, serve.evaluate). Decoding costs at most
-# about 9 bytes per pixel above the file (a transparent palette PNG: the palette image, its
-# RGBA expansion and the RGB result; measured 175 MB at 20 MP), so 32 M pixels stay under
-# 300 MB per image in flight.
+# What the serving side allows (the app, serve.predict, serve.evaluate): 32 M pixels, and at most
+# 300 MB to decode, estimated from the header by format and mode (decode_cost): most layouts
+# reach the pixel limit first, WebP (16 bytes per pixel) and float or grey-alpha ones do not.
 SERVING_MAX_PIXELS = 32_000_000
+SERVING_MAX_DECODE_BYTES = 300 * 2**20
+# Bytes per pixel that decoding and converting to RGB takes at the peak, by the mode Pillow opens
+# a file as: the decoded image, to_rgb's conversions and the RGB result alive together (RGBA:
+# 4 + 3; a transparent palette: 1 + its RGBA expansion 4 + 3; float grey: 4 + its array 4 + 1 +
+# 3), plus about 1.2 of Pillow's working memory; measured at 32 M pixels by
+# benchmarks.decode_memory (docs/serving.md) and rounded up.
+DECODE_BYTES_PER_PIXEL = {"1": 5.5, "L": 5.5, "P": 5.5, "PA": 9.5, "RGB": 4.5, "RGBA": 8.5, "RGBa": 8.5,
+                          "LA": 12.5, "La": 12.5, "CMYK": 8.5, "YCbCr": 7.5, "LAB": 7.5, "HSV": 7.5,
+                          "I;16": 7.5, "I;16B": 7.5, "I;16L": 7.5, "I;16N": 7.5, "I": 12.5, "F": 12.5}
+# Formats whose decoder costs the same whatever the mode: Pillow's WebP decoder works through
+# full RGBA frame buffers (16.1 bytes per pixel measured for lossy, lossless and animated files).
+FORMAT_BYTES_PER_PIXEL = {"WEBP": 16.5}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Deep greyscale is converted this many pixels at a time: bounded temporary memory.
 _CHUNK_PIXELS = 1 << 20
@@ -46,8 +58,31 @@ class ImageError(ValueError):
     """A file that is not a usable image; the message says why in one line."""
 
 
-def load_rgb(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check and fully decode an image file (path, bytes or file object) as RGB."""
+def decode_cost(source: Source) -> int:
+    """The bytes of memory that decoding this file with ``load_rgb`` costs at most, from its header."""
+    with Image.open(_seekable(source), formats=FORMATS) as img:
+        return _cost(img)
+
+
+def _seekable(source: Source):
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def _cost(img: Image.Image) -> int:
+    mode = "PA" if img.mode == "P" and "transparency" in img.info else img.mode
+    per_pixel = FORMAT_BYTES_PER_PIXEL.get(img.format) or \
+        DECODE_BYTES_PER_PIXEL.get(mode, max(DECODE_BYTES_PER_PIXEL.values()))
+    if _orientation(img) is not None:
+        per_pixel += 3  # the transposed copy of the RGB result
+    return int(img.width * img.height * per_pixel)
+
+
+def load_rgb(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS,
+             max_bytes: int | None = None) -> Image.Image:
+    """Open, check and fully decode an image file (path, bytes or file object) as RGB.
+
+    ``max_bytes`` refuses, from the header, a file whose decoding would cost more memory than
+    that (``decode_cost``): the pixel limit alone lets some layouts cost three times others."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     if isinstance(source, (str, os.PathLike)):
@@ -66,6 +101,11 @@ def load_rgb(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
                     f"image is {width} x {height} = {width * height:,} pixels, "
                     f"above the limit of {max_pixels:,}"
                 )
+            if max_bytes is not None and _cost(img) > max_bytes:
+                raise ImageError(
+                    f"image is {width} x {height} {img.format} ({img.mode}), which would take about "
+                    f"{_cost(img) / 2**20:,.0f} MB to decode, above the limit of {max_bytes / 2**20:,.0f} MB; "
+                    "send a smaller image")
             img.seek(0)  # first frame of an animation
             img.load()
             transpose = _orientation(img)

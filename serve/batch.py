@@ -42,7 +42,7 @@ def default_workers() -> int:
 def decode(path: str, specs: Sequence[Preprocessing], max_pixels: int):
     """One file as each spec's H x W x 3 uint8 input, or the reason it cannot be used."""
     try:
-        image = imaging.load_rgb(path, max_pixels)
+        image = imaging.load_rgb(path, max_pixels, imaging.SERVING_MAX_DECODE_BYTES)
         return [spec.pixels(image) for spec in specs]
     except (imaging.ImageError, OSError) as exc:
         return str(exc)

@@ -188,7 +188,7 @@ class Service:
                      cancel: Cancel | None = None) -> Classification:
         """``classify`` in the calling thread, without the gate (the gate's worker runs it)."""
         try:
-            image = imaging.load_rgb(source, self.max_pixels)
+            image = imaging.load_rgb(source, self.max_pixels, imaging.SERVING_MAX_DECODE_BYTES)
         except (imaging.ImageError, OSError) as exc:
             raise ClassifyError(f"Cannot classify this file: {exc}.") from None
         options = cancel.run_options if cancel else None

@@ -258,3 +258,57 @@ def test_gradio_floor_has_the_open_redirect_fix():
     as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3])  # noqa: E731
     assert as_tuple(floor) >= (6, 20, 0)  # gradio-app/gradio#13596 shipped in 6.20.0
     assert as_tuple(version("gradio")) >= as_tuple(floor)
+
+
+def test_floors_exclude_the_known_advisories_and_the_lock_meets_them():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["serve"]]
+    floors = {r.name: min((Version(s.version) for s in r.specifier if s.operator == ">="), default=None)
+              for r in wanted}
+    for name, safe in (("pillow", "11.3.0"), ("starlette", "1.3.1"), ("python-multipart", "0.0.31"),
+                       ("gradio", "6.20.0")):
+        assert floors[name] is not None and floors[name] >= Version(safe), (name, floors[name])
+    lock = (ROOT / "requirements" / "serve.lock").read_text()
+    pinned = {}
+    for block in lock.split("\n"):
+        if "==" in block and not block.startswith((" ", "#")):
+            name, _, rest = block.partition("==")
+            pinned[name.strip().lower()] = Version(rest.split()[0])
+    assert "--hash=sha256:" in lock
+    for r in wanted:  # scripts/lock-serve regenerates it after a change to these lists
+        assert r.name.lower() in pinned, f"{r.name} is not in requirements/serve.lock"
+        assert r.specifier.contains(pinned[r.name.lower()]), (r, pinned[r.name.lower()])
+
+
+# --- memory per format ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_the_decode_cost_estimate_bounds_the_measured_peak_of_every_kind(tmp_path):
+    from benchmarks.decode_memory import KINDS, measure
+
+    for kind in KINDS:  # 4 M pixels: Pillow's working memory is per pixel, so the ratio holds
+        row = measure(kind, tmp_path, 4_000_000)
+        assert row["peak_bytes"] <= row["predicted_bytes"], row
+
+
+def test_what_would_take_too_much_memory_is_refused_from_the_header(tmp_path):
+    from benchmarks.decode_memory import write
+
+    # Under the pixel limit, but more memory than the bound in these layouts.
+    cases = {"webp-lossy": 20_000_000, "png-grey-alpha": 32_000_000, "tiff-float": 32_000_000}
+    for kind, pixels in cases.items():
+        width = int((pixels * 4 / 3) ** 0.5)
+        path = tmp_path / f"big.{kind.split('-')[0]}"
+        write(kind, path, width, pixels // width)
+        assert imaging.decode_cost(path) > imaging.SERVING_MAX_DECODE_BYTES
+        with pytest.raises(imaging.ImageError, match="MB to decode, above the limit of 300 MB"):
+            imaging.load_rgb(path, imaging.SERVING_MAX_PIXELS, imaging.SERVING_MAX_DECODE_BYTES)
+    small = tmp_path / "fine.webp"
+    write("webp-lossy", small, 400, 300)
+    assert imaging.load_rgb(small, imaging.SERVING_MAX_PIXELS, imaging.SERVING_MAX_DECODE_BYTES).size == (400, 300)

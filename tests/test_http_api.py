@@ -22,6 +22,14 @@ from test_readme import readme_block
 MAX_UPLOAD = 50 * 1024 * 1024
 
 
+def png_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def example(models):
     return models / json.loads((models / "manifest.json").read_text())["examples"][0]
 
@@ -80,6 +88,13 @@ def test_openapi_schema_describes_the_routes(http):
     classify_op = schema["paths"]["/api/v1/classify"]["post"]
     assert {"multipart/form-data", "image/png"} <= set(classify_op["requestBody"]["content"])
     assert {"200", "400", "413", "503"} <= set(classify_op["responses"])
+    # The result schema is the service's own result model: every field a result carries.
+    from serve.service import ModelResult
+
+    fields = set(schema["components"]["schemas"]["ModelResult"]["properties"])
+    assert fields == set(ModelResult.model_fields) and "heatmap" in fields
+    for result in http.post("/api/v1/classify", files={"file": ("a.png", png_bytes())}).json()["results"]:
+        assert set(result) <= fields
 
 
 def assert_error(response, status, *words):
