@@ -227,3 +227,26 @@ def test_the_http_api_imports_without_gradio(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_connections_beyond_the_limit_get_503_and_slow_bodies_hold_no_slot(exported_models):
+    # --concurrency 1 --queue-size 1: 2 x (1 + 1) + 32 = 36 connections at once.
+    with running_app(exported_models, "--concurrency", "1", "--queue-size", "1") as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        name, port = url.removeprefix("http://").split(":")
+        held = []
+        try:
+            for _ in range(36):  # uploads that never finish their body
+                sock = socket.create_connection((name, int(port)), timeout=30)
+                sock.sendall(b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                             b"Content-Length: 1000000\r\n\r\n" + b"\0" * 1000)
+                held.append(sock)
+                time.sleep(0.05)  # each is parsed before the next arrives
+            time.sleep(1)
+            assert httpx.get(f"{url}/healthz", timeout=30).status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(1)
+        # None of them held the one classification slot: an image is classified at once.
+        assert http.post("/api/v1/classify", files={"file": ("g.png", png())}).status_code == 200
