@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from serve import inference_protocol
 from serve.catalog import Catalog
 from serve.gate import Gate, QueueFull
 from serve.guard import UploadsOnly
@@ -180,6 +181,11 @@ def create_app(catalog: Catalog, gate: Gate, max_pixels: int, max_upload_bytes: 
                 return error(exc.status, str(exc))
         return JSONResponse({"results": results})
 
+    async def run_gated(fn, *args):  # the protocol's inference, in the same line as every door
+        async with gate.slot(turn_away_when_full=True):
+            return await anyio.to_thread.run_sync(fn, *args)
+
+    app.include_router(inference_protocol.create_router(catalog, run_gated, ready=lambda: state["ready"]))
     app.state.serving = state
     return app
 
