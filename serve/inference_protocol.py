@@ -40,7 +40,7 @@ from serve.gate import QueueFull
 from serve.predictor import Predictor
 
 MAX_BATCH = 8  # images a request may carry; the batch dimension's upper bound
-JSON_BYTES_PER_VALUE = 24  # room for one float32 written out in full ("-0.12345678901234567, ")
+JSON_BYTES_PER_VALUE = 26  # the longest float written in full, "-1.2345678901234567e-100, "
 HEADER_BYTES = 64 * 1024  # the JSON around the tensors: names, shapes, parameters
 BINARY_HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
