@@ -135,7 +135,7 @@ def read_inputs(model: ServedModel, request: dict, binary: memoryview, limits: L
     expected = {t.name: t for t in model.inputs}
     names = [i.get("name") for i in given]
     for name in names:
-        if name not in expected:
+        if not isinstance(name, str) or name not in expected:
             raise ProtocolError(400, f"unknown input '{str(name)[:80]}' for model '{model.name}'; "
                                      f"its inputs: {', '.join(expected)}")
     if sorted(names) != sorted(expected):
@@ -157,7 +157,7 @@ def read_inputs(model: ServedModel, request: dict, binary: memoryview, limits: L
         count = math.prod(shape)
         if "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
-            if size != count * dtype.itemsize or isinstance(size, bool):
+            if type(size) is not int or size != count * dtype.itemsize:  # not bool, not 12.0
                 raise ProtocolError(400, f"input '{spec.name}' of shape {shape} takes "
                                          f"{count * dtype.itemsize} bytes, binary_data_size says {size}")
             if offset + size > len(binary):
@@ -215,7 +215,7 @@ def requested_outputs(model: ServedModel, request: dict) -> list[tuple[Tensor, b
     chosen = []
     for item in asked:
         name, parameters = item.get("name"), item.get("parameters", {})
-        if name not in outputs:
+        if not isinstance(name, str) or name not in outputs:
             raise ProtocolError(400, f"unknown output '{str(name)[:80]}' for model '{model.name}'; "
                                      f"its outputs: {', '.join(outputs)}")
         if any(t.name == name for t, _ in chosen):

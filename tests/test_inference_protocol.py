@@ -114,6 +114,30 @@ def test_model_readiness(client):
     assert unknown.value.status() == "404" and "resnet34" in unknown.value.message()
 
 
+def test_not_ready_until_the_server_says_so(exported_models):
+    """Before start-up ends (and once shutdown begins) readiness is 4xx, liveness still 200."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve.catalog import load_catalog
+    from serve.inference_protocol import create_router
+
+    state = {"ready": False}
+
+    async def run_gated(fn, *args):
+        return fn(*args)
+
+    app = FastAPI()
+    app.include_router(create_router(load_catalog(exported_models), run_gated, ready=lambda: state["ready"]))
+    with TestClient(app) as local:
+        assert local.get("/v2/health/live").status_code == 200
+        assert local.get("/v2/health/ready").status_code == 400
+        assert local.get("/v2/models/resnet34/ready").status_code == 400
+        state["ready"] = True
+        assert local.get("/v2/health/ready").json() == {"ready": True}
+        assert local.get("/v2/models/resnet34/ready").json() == {"name": "resnet34", "ready": True}
+
+
 @pytest.mark.parametrize("name", ["plain34", "resnet34", "resnet34_modified"])
 def test_json_inference_equals_the_onnx_files_outputs(client, exported_models, size, name):
     x = batch(3, size, seed=1)
@@ -207,6 +231,8 @@ def test_malformed_bodies(http, client, size):
     assert_error(http.post(url, content=b"[" * 100_000), 400, "JSON")
     assert_error(http.post(url, json=[1, 2]), 400, "object")
     assert_error(http.post(url, json={"inputs": []}), 400, "image")
+    assert_error(http.post(url, json={"inputs": [{"name": ["image"]}]}), 400, "unknown input")
+    assert_error(http.post(url, json={**json_request(size), "outputs": [{"name": {}}]}), 400, "unknown output")
     assert_error(http.post(url, json=json_request(size, data=["0.5"] * values)), 400, "numbers")
     assert_error(http.post(url, json=json_request(size, data=[[0.5, 0.5], [0.5]])), 400, "numbers")
     assert_error(http.post(url, json=json_request(size, data=[0.5] * (values - 1))), 400, "values")
@@ -230,6 +256,9 @@ def test_malformed_bodies(http, client, size):
     assert_error(http.post(url, content=header + data,
                            headers={"Inference-Header-Content-Length": str(len(header) + len(data) + 1)}),
                  400, "Inference-Header-Content-Length")
+    as_float = header.replace(str(values * 4).encode(), f"{values * 4}.0".encode())
+    assert_error(http.post(url, content=as_float + data, headers={"Inference-Header-Content-Length": str(len(as_float))}),
+                 400, "binary_data_size")
     short = header.replace(str(values * 4).encode(), str(values * 4 - 4).encode())
     assert_error(http.post(url, content=short + data, headers={"Inference-Header-Content-Length": str(len(short))}),
                  400, "binary_data_size")
