@@ -13,6 +13,13 @@ In one process, in alternating blocks, the same image:
   connection (target: <= 1.10x).
 Each ratio is a request's median over the models' median (target for ``client``: <= 1.25x).
 
+The Open Inference Protocol carries an already-preprocessed tensor, one model a request, so its
+baseline is ``tensor_models``: every model's ``Predictor.run`` of all its outputs on that tensor,
+directly. Against it (ratio: the protocol's median over that one):
+- ``oip``: one ``POST /v2/models/{name}/infer`` per model through ``tritonclient.http`` with its
+  defaults (binary tensors in and out), one kept-alive connection;
+- ``oip_json``: the same with JSON tensors in and out.
+
 The app is started here on a free loopback port, with Gradio's request profiling on to split
 the server's share into phases, unless ``--url`` names one already serving the same ``--models``.
 Prints a table and writes benchmarks/results/app.json (see ``--out``).
@@ -38,7 +45,9 @@ from benchmarks.common import (RESULTS_DIR, command_line, interleaved, machine, 
 from serve.catalog import PRECISIONS, load_catalog  # noqa: E402
 from serve.launch import running_app  # noqa: E402
 
-CONTENDERS = ("models", "client", "client_local", "http", "api")
+CONTENDERS = ("models", "client", "client_local", "http", "api", "tensor_models", "oip", "oip_json")
+BASELINE = {"oip": "tensor_models", "oip_json": "tensor_models"}  # the rest: "models"
+OUTPUTS = ("logits", "probabilities", "heatmaps")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,8 +107,31 @@ class PlainHttp:
         return phases
 
 
+class Protocol:
+    """Every model through the Open Inference Protocol, as a tritonclient.http program calls it."""
+
+    def __init__(self, url: str, catalog, tensor):
+        import tritonclient.http as httpclient
+        from common.tensor_names import model_name
+
+        self.httpclient = httpclient
+        self.client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+        self.names = [model_name(p.path) for p in catalog.predictors]
+        self.tensor = tensor
+
+    def infer(self, binary: bool) -> None:
+        image = self.httpclient.InferInput("image", list(self.tensor.shape), "FP32")
+        image.set_data_from_numpy(self.tensor, binary_data=binary)
+        outputs = None if binary else [self.httpclient.InferRequestedOutput(o, binary_data=False)
+                                       for o in OUTPUTS]
+        for name in self.names:
+            self.client.infer(name, [image], outputs=outputs)
+
+
 def measure(url: str, catalog, image_path: Path, rounds: int, per_block: int) -> dict:
     image = imaging.load_rgb(image_path)
+    tensor = catalog.predictors[0].preprocess(image)
+    protocol = Protocol(url, catalog, tensor)
     clients = {"client": Client(url, verbose=False),
                "client_local": Client(url, verbose=False, ssl_verify=False)}
     plain = PlainHttp(url)
@@ -115,16 +147,22 @@ def measure(url: str, catalog, image_path: Path, rounds: int, per_block: int) ->
         for predictor in catalog.predictors:
             predictor.predict(image)
 
+    def models_on_the_tensor():
+        for predictor in catalog.predictors:
+            predictor.run(list(OUTPUTS), tensor)
+
     data = image_path.read_bytes()
     plain.profile(clear=True)
     times = interleaved({"models": models_alone, "client": through("client"),
                          "client_local": through("client_local"), "http": lambda: plain.classify(image_path),
-                         "api": lambda: plain.api(image_path, data)},
+                         "api": lambda: plain.api(image_path, data), "tensor_models": models_on_the_tensor,
+                         "oip": lambda: protocol.infer(binary=True), "oip_json": lambda: protocol.infer(binary=False)},
                         rounds=rounds, per_block=per_block)
     ms = {name: median_ms(times[name]) for name in CONTENDERS}
     return {
         "median_ms": ms,
-        "ratio": {name: ms[name] / ms["models"] for name in CONTENDERS if name != "models"},
+        "ratio": {name: ms[name] / ms[BASELINE.get(name, "models")] for name in CONTENDERS
+                  if name not in ("models", "tensor_models")},
         "models_inside_app_ms": statistics.median(models_inside_app),
         "server_phases_p50_ms": plain.profile(),
         "samples": {name: len(samples) for name, samples in times.items()},
@@ -155,6 +193,11 @@ def main(argv=None) -> int:
         [[ms["models"], ms["client"], f"{ratio['client']:.2f}x", ms["client_local"],
           f"{ratio['client_local']:.2f}x", ms["http"], f"{ratio['http']:.2f}x",
           ms["api"], f"{ratio['api']:.2f}x"]]))
+    print(markdown_table(
+        ["models alone on the tensor (ms)", "Open Inference Protocol, binary (ms)", "ratio",
+         "Open Inference Protocol, JSON (ms)", "ratio", "HTTP API's ratio, for comparison"],
+        [[ms["tensor_models"], ms["oip"], f"{ratio['oip']:.2f}x", ms["oip_json"],
+          f"{ratio['oip_json']:.2f}x", f"{ratio['api']:.2f}x"]]))
     phases = result["server_phases_p50_ms"] or {}
     print(f"inside the app: models {result['models_inside_app_ms']:.1f} ms; server phases (p50, ms): "
           + (", ".join(f"{k} {v:.1f}" for k, v in phases.items()) or "not profiled"))

@@ -22,23 +22,16 @@ from pathlib import Path
 import onnx
 
 from common.errors import UserError, run_cli
+from common.tensor_names import DATATYPES, MODEL_VERSION, model_name
 
 MAX_BATCH_SIZE = 32  # Triton batches concurrent requests up to this many images
 QUEUE_DELAY_US = 2000  # how long a request may wait for others to join its batch
 LABELS_FILE = "labels.txt"
 LABELLED_OUTPUT = "probabilities"  # the output Triton can turn into "score:index:label" strings
 
-# onnx.TensorProto element type -> Triton data type name.
-TRITON_TYPES = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32",
-    onnx.TensorProto.FLOAT16: "TYPE_FP16",
-    onnx.TensorProto.DOUBLE: "TYPE_FP64",
-    onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.INT32: "TYPE_INT32",
-    onnx.TensorProto.INT8: "TYPE_INT8",
-    onnx.TensorProto.UINT8: "TYPE_UINT8",
-    onnx.TensorProto.BOOL: "TYPE_BOOL",
-}
+# onnx.TensorProto element type -> Triton data type name (the protocol's name, "TYPE_"-prefixed).
+TRITON_TYPES = {getattr(onnx.TensorProto, onnx_name): f"TYPE_{datatype}"
+                for onnx_name, datatype in DATATYPES.items()}
 
 
 class TritonError(UserError):
@@ -92,11 +85,6 @@ def class_names_of(model: onnx.ModelProto, path: Path) -> list[str]:
         raise TritonError(f"'{path}' has no class_names metadata (export it with python -m export.run)") from None
 
 
-def model_name(onnx_path: Path) -> str:
-    """Triton's name for an exported file: resnet34.onnx -> resnet34, resnet34.int8.onnx -> resnet34_int8."""
-    return Path(onnx_path).stem.replace(".", "_")
-
-
 def add_model(onnx_path: Path, repo: Path, name: str | None = None) -> Path:
     """Put one exported ONNX file into the repository; returns the model's folder."""
     onnx_path = Path(onnx_path)
@@ -111,8 +99,8 @@ def add_model(onnx_path: Path, repo: Path, name: str | None = None) -> Path:
     folder = Path(repo) / name
     tmp = folder.with_name(f".{name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "1").mkdir(parents=True)
-    shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
+    (tmp / MODEL_VERSION).mkdir(parents=True)
+    shutil.copyfile(onnx_path, tmp / MODEL_VERSION / "model.onnx")
     (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
     (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)

@@ -8,6 +8,7 @@
                             has run past the deadline (readiness)
     GET  /api/v1/openapi.json   the OpenAPI schema of these routes, its result schema generated
                             from the service's own result model
+    /v2/...                 the Open Inference Protocol (serve/inference_protocol.py)
 
 Errors are {"error": "..."}: 400 for a file that is not a usable image (the page's message),
 413 above the upload limit, 415 for a body that is neither, 503 with Retry-After when the
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from serve import inference_protocol
 from serve.access_log import AccessLog
 from serve.guard import SPOOL_BYTES, Guard, UploadFolder
 from serve.service import NO_IMAGE, Busy, ClassifyError, ModelResult, Service
@@ -154,4 +156,5 @@ def create_app(service: Service, max_upload_bytes: int, upload_folder: UploadFol
                 return error(exc.status, str(exc), headers)
         return JSONResponse({"results": [r.model_dump(exclude_none=True) for r in classification.results]})
 
+    app.include_router(inference_protocol.create_router(service))  # /v2/...: the same service
     return app

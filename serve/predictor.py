@@ -112,6 +112,11 @@ class Predictor:
         """Class probabilities for a preprocessed N x 3 x H x W batch."""
         return self.session.run([self.probability_output], {self.input_name: batch})[0]
 
+    def run(self, output_names: list[str], batch: np.ndarray,
+            run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
+        """The named outputs for a preprocessed N x 3 x H x W float32 batch."""
+        return self.session.run(output_names, {self.input_name: batch}, run_options)
+
     def predict(self, image: Image.Image, run_options: ort.RunOptions | None = None) -> Prediction:
         """Probabilities of every class and, where the file has them, every class's heatmap
         (``run_options.terminate = True`` from another thread stops a run in progress)."""
