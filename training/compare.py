@@ -58,9 +58,10 @@ def gather(run_dirs: list[Path]) -> tuple[list[Source], dict, dict]:
         if config.get("folds") and len(run_dirs) > 1:
             raise UserError("runs with --folds cannot be merged: each is a whole cross-validation")
         for member in run_members(run_dir):
-            if member.seed in seen:
-                raise UserError(f"seed {member.seed} is in both '{seen[member.seed]}' and '{run_dir}'")
-            seen[member.seed] = run_dir
+            key = (member.seed, member.fold)
+            if key in seen:
+                raise UserError(f"seed {member.seed} is in both '{seen[key]}' and '{run_dir}'")
+            seen[key] = run_dir
             source = Source(run_dir, member)
             for model in config["models"]:
                 missing = [f for f in ("report.json", "predictions.csv", "history.csv")
