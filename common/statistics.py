@@ -24,7 +24,7 @@ the one that inverts that same test, so "the interval excludes 0" and "p < 0.05"
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import optimize, signal, stats
@@ -38,7 +38,7 @@ IMAGES_AND_RUNS = "images and training runs"
 IMAGES_AND_FOLDS = "images and training sets (folds)"
 COVERS = {
     IMAGES: "This covers the sampling of images, not training randomness: another training run "
-            "could change it (--seeds 3 or more for a claim about the architectures).",
+            "could change it.",
     IMAGES_AND_RUNS: "This covers both the sampling of images and training randomness.",
     IMAGES_AND_FOLDS: "This covers the sampling of images and of training sets (over the folds).",
 }
@@ -232,6 +232,25 @@ def over_runs_and_images(a_correct, b_correct) -> Paired:
     return Paired(100 * grand, 100 * (grand - half), 100 * (grand + half), p,
                   f"t over {runs} runs x {n} images (crossed)", IMAGES_AND_RUNS, n, runs,
                   int((s > 0).sum()), int((s < 0).sum()), float(stats.t.cdf(grand / fresh_sd, df)))
+
+
+def over_runs_and_images_and_exact(a_correct, b_correct) -> Paired:
+    """The deciding result with several runs: the more cautious of ``over_runs_and_images``
+    (which holds training randomness, but leans on a t approximation) and the exact test over
+    images (which holds however few images the models differ on). A claim needs both (an
+    intersection-union test, so still at level 0.05): p is the larger, and the interval spans
+    both, so it excludes 0 exactly when both do."""
+    crossed = over_runs_and_images(a_correct, b_correct)
+    if crossed.covers != IMAGES_AND_RUNS:  # no spread: the exact test over images already decides
+        return crossed
+    images = over_images(a_correct, b_correct)
+    if images.low >= crossed.low and images.high <= crossed.high and images.p_value <= crossed.p_value:
+        return crossed
+    return replace(crossed, low=min(crossed.low, images.low), high=max(crossed.high, images.high),
+                   p_value=max(crossed.p_value, images.p_value),
+                   test=f"{crossed.test} and {images.test}",
+                   note="the exact test over images is the more cautious here, so the interval and p "
+                        "take it into account")
 
 
 def over_folds(a_folds, b_folds, pool: int) -> Paired:

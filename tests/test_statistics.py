@@ -257,3 +257,20 @@ def test_p_and_bounds_never_round_across_the_line():
     assert statistics.format_points(0.02) == "0.02" and statistics.format_points(-0.004) == "-0.004"
     assert statistics.format_points(3.14159) == "3.1" and statistics.format_points(0.0) == "0.0"
     assert statistics.format_chance(0.999) == "> 0.99" and statistics.format_chance(0.5) == "0.50"
+
+
+def test_several_runs_decide_by_the_more_cautious_of_the_crossed_t_and_the_exact_test():
+    rng = np.random.default_rng(5)
+    cautious_exact = 0
+    for _ in range(200):
+        runs, n = 3, int(rng.integers(20, 120))
+        base = rng.random(n) < 0.7
+        a = np.stack([base ^ (rng.random(n) < rng.uniform(0, 0.08)) for _ in range(runs)])
+        b = np.stack([base ^ (rng.random(n) < rng.uniform(0, 0.08)) for _ in range(runs)])
+        crossed, images = statistics.over_runs_and_images(a, b), statistics.over_images(a, b)
+        result = statistics.over_runs_and_images_and_exact(a, b)
+        assert result.p_value == pytest.approx(max(crossed.p_value, images.p_value))
+        assert result.low <= min(crossed.low, images.low) + 1e-9 and result.high >= max(crossed.high, images.high) - 1e-9
+        assert (result.low > 0 or result.high < 0) == (result.p_value < statistics.ALPHA)
+        cautious_exact += images.p_value > crossed.p_value
+    assert cautious_exact > 0  # the case this guards against happens with few discordant images

@@ -109,7 +109,7 @@ def _pair(data: dict, a: str, b: str, split: str, folded: bool, pool: int | None
     matrix_b = np.array([[r[p] for p in paths] for r in runs_b])
     images = statistics.over_images(matrix_a, matrix_b)
     if len(runs_a) >= statistics.MIN_RUNS:
-        return statistics.over_runs_and_images(matrix_a, matrix_b), images
+        return statistics.over_runs_and_images_and_exact(matrix_a, matrix_b), images
     return images, images
 
 
