@@ -57,18 +57,23 @@ class Estimate:
         return asdict(self)
 
 
-def over_runs(values) -> Estimate:
+def over_runs(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
     """Mean, standard deviation and t interval of one metric over repeated runs (training
-    randomness on the same images). Runs that do not differ at all give no interval: a
-    zero-width one would claim a certainty that a few runs cannot give."""
+    randomness on the same images), clipped to the metric's ``bounds``. No interval from fewer
+    than MIN_RUNS runs (two give one degree of freedom: an accuracy interval far outside 0 to 1)
+    or from runs that do not differ at all (a zero-width interval would claim a certainty that a
+    few runs cannot give)."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return Estimate(float(values[0]), None, None, None, 1, "one run")
     mean, std = float(values.mean()), float(values.std(ddof=1))
+    if len(values) < MIN_RUNS:
+        return Estimate(mean, std, None, None, len(values), f"{len(values)} runs: too few for an interval")
     if np.ptp(values) == 0:
         return Estimate(mean, 0.0, None, None, len(values), f"no spread over {len(values)} runs")
     low, high = stats.t.interval(CONFIDENCE, len(values) - 1, loc=mean, scale=stats.sem(values))
-    return Estimate(mean, std, float(low), float(high), len(values), f"t over {len(values)} runs")
+    return Estimate(mean, std, float(max(low, bounds[0])), float(min(high, bounds[1])), len(values),
+                    f"t over {len(values)} runs")
 
 
 def wilson(correct: int, total: int) -> Estimate:

@@ -155,12 +155,17 @@ def test_no_degenerate_interval_is_printed(tmp_path):
     assert "(no spread)" in text and "undefined" not in text
 
 
-def test_compare_rebuilds_the_same_comparison(tmp_path):
+def test_compare_rebuilds_the_same_comparison(tmp_path, capsys):
     run = make_run(tmp_path / "run", {"resnet34": seeded([50, 52, 49], [70, 72, 69]), "plain34": seeded([48, 47, 50], [66, 70, 67])})
     first = rebuild(run)
     (run / "comparison.md").unlink()
     again = rebuild(run)
     assert first == again and (run / "comparison.md").is_file() and (run / "resnet34" / "errors.png").is_file()
+    capsys.readouterr()
+    assert compare_main([str(run), "--claims"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("## What the data supports") and "## Test" not in printed
+    assert all(pair["sentence"] in printed for pair in again["pairs"]["test"])
 
 
 def test_merge_of_seeds_from_separate_commands_equals_one_run(tmp_path):

@@ -274,3 +274,13 @@ def test_several_runs_decide_by_the_more_cautious_of_the_crossed_t_and_the_exact
         assert (result.low > 0 or result.high < 0) == (result.p_value < statistics.ALPHA)
         cautious_exact += images.p_value > crossed.p_value
     assert cautious_exact > 0  # the case this guards against happens with few discordant images
+
+
+def test_over_runs_gives_no_interval_from_two_runs_and_stays_in_the_metric_range():
+    two = statistics.over_runs([0.6, 0.9], (0, 1))
+    assert two.std == pytest.approx(np.std([0.6, 0.9], ddof=1)) and two.low is None and two.high is None
+    values = [0.99, 1.0, 0.90]
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+    assert high > 1
+    clipped = statistics.over_runs(values, (0, 1))
+    assert (clipped.low, clipped.high) == pytest.approx((low, 1.0))

@@ -2,6 +2,7 @@
 
     python -m training.compare runs/a                       # comparison.md/.json/.png in runs/a again
     python -m training.compare runs/a runs/b --out runs/ab  # merge seeds trained by separate commands
+    python -m training.compare runs/a --claims              # print only "What the data supports"
 
 Reads only what the runs saved (``config.json``, ``splits.json`` and each run's
 ``report.json``, ``predictions.csv``, ``history.csv``). Runs are merged only when they were
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UserError, run_cli
-from training.comparison import Source, write
+from training.comparison import CLAIMS_TITLE, Source, write
 from training.study import run_members
 
 # Settings that may differ between merged runs: the seed (what merging adds) and how they ran.
@@ -27,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) of training.run")
     parser.add_argument("--out", help="where to write (default: the run folder; required with several)")
+    parser.add_argument("--claims", action="store_true",
+                        help="print only the first section, what the data supports (as the README quotes it)")
     return parser.parse_args(argv)
 
 
@@ -92,6 +95,12 @@ def run_info(run_dir: Path, config: dict, splits: dict) -> dict:
             "split_sizes": sizes, "image_size": config.get("image_size", "?"), "device": device}
 
 
+def claims_of(markdown: str) -> str:
+    """The "What the data supports" section of a comparison.md, heading included."""
+    section = markdown[markdown.index(f"## {CLAIMS_TITLE}"):]
+    return section.split("\n## ", 1)[0].rstrip() + "\n"
+
+
 def compare(args: argparse.Namespace) -> int:
     run_dirs = [Path(p) for p in args.runs]
     if len(run_dirs) > 1 and not args.out:
@@ -104,7 +113,8 @@ def compare(args: argparse.Namespace) -> int:
     write(out, sources, list(config["models"]), int(config.get("folds") or 0), run_info(run_dirs[0], config, splits))
     print(f"Wrote {out / 'comparison.md'} from {len(sources)} run(s) per model "
           f"({', '.join(s.label for s in sources)})", file=sys.stderr)
-    print((out / "comparison.md").read_text())
+    text = (out / "comparison.md").read_text()
+    print(claims_of(text) if args.claims else text)
     return 0
 
 

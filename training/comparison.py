@@ -29,7 +29,9 @@ from training.reports import plt, read_predictions, save_figure
 from training.study import Member
 
 METRICS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "loss"))
+BOUNDS = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "loss": (0.0, float("inf"))}
 ERROR_GRID_LIMIT = 40  # images shown per errors.png
+CLAIMS_TITLE = "What the data supports"
 SPLIT_TITLES = {"test": "Test", "val": "Validation (the split that chose each run's epoch)"}
 
 
@@ -122,7 +124,7 @@ def summarize(data: dict, splits: list[str], folds: int = 0, pool: int | None = 
     for name, runs in data.items():
         per_model[name] = {"display_name": runs[0]["report"]["display_name"], "runs": len(runs)}
         for split in splits:
-            estimates = {key: statistics.over_runs([r["report"][f"{split}_{key}"] for r in runs]).as_dict()
+            estimates = {key: statistics.over_runs([r["report"][f"{split}_{key}"] for r in runs], BOUNDS[key]).as_dict()
                          for key, _ in METRICS}
             pooled = folds and split == "val"
             if len(runs) == 1 or pooled:  # accuracy over every image once, with a Wilson interval
@@ -159,7 +161,7 @@ def _cell(estimate: dict, digits: int = 4) -> str:
     if estimate["low"] is not None:
         text += f" ({estimate['low']:.{digits}f}–{estimate['high']:.{digits}f})"
     elif estimate["std"] is not None:
-        text += " (no spread)"
+        text += " (no spread)" if estimate["std"] == 0 else " (too few runs for an interval)"
     return text
 
 
@@ -229,8 +231,9 @@ def claims_section(ctx: Context) -> Section:
     where = (f"the test split ({_split_size(ctx, 'test')} images, never used to choose anything)"
              if split == "test" else
              f"the validation split ({_split_size(ctx, 'val')} images; it chose each run's epoch)")
-    what = "accuracy (95% Wilson interval over the images)" if runs == 1 else \
-        f"accuracy, mean ± sd over {runs} runs (95% t interval over the runs)"
+    what = ("accuracy (95% Wilson interval over the images)" if runs == 1 else
+            f"accuracy, mean ± sd over {runs} runs" + (" (95% t interval over the runs)"
+                                                       if runs >= statistics.MIN_RUNS else ""))
     header = f"| model | {'test' if split == 'test' else 'validation'} {what} |"
     rule = "|---|---:|"
     if split == "test":
@@ -246,7 +249,7 @@ def claims_section(ctx: Context) -> Section:
     if pairs:
         lines += [""] + [f"- {pair['sentence']}" for pair in pairs]
     lines += [""] + [line for note in _notes(ctx, split) for line in (note, "")]
-    return Section("claims", ["## What the data supports", "", *lines[:-1]])
+    return Section("claims", [f"## {CLAIMS_TITLE}", "", *lines[:-1]])
 
 
 def split_section(ctx: Context, split: str) -> Section:
@@ -260,9 +263,10 @@ def split_section(ctx: Context, split: str) -> Section:
             lines.append(f"| {model['display_name']} | {_cell(est['accuracy_over_images'])} | "
                          f"{est['macro_f1']['mean']:.4f} | {est['loss']['mean']:.4f} |")
     else:
-        lines += [f"Mean ± standard deviation over {runs} runs, with the 95% t interval of the mean "
-                  "over the runs (training randomness on these images; the pairs below also "
-                  "cover the images).", "",
+        lines += [f"Mean ± standard deviation over {runs} runs" + (
+                  ", with the 95% t interval of the mean over the runs (training randomness on these "
+                  "images; the pairs below also cover the images)." if runs >= statistics.MIN_RUNS else
+                  " (too few for an interval over runs; the pairs below cover the images)."), "",
                   "| model | accuracy | macro-F1 | loss |", "|---|---:|---:|---:|"]
         for model in models.values():
             est = model[split]
