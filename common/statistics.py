@@ -138,15 +138,20 @@ def over_images(a_correct, b_correct) -> Paired:
     computed by convolution). With one run this is McNemar's exact test: b images only A got
     right, c only B, b ~ Binomial(b + c, 1/2) given b + c.
 
-    The interval: the shares ``q`` (the chance that an image where one model is ahead is A's)
-    not rejected by either exact one-sided test at 2.5%, mapped to the difference as
-    ``W / (runs * n) * (2q - 1)``, W the summed |s| (one run: Clopper-Pearson on b / (b + c),
-    mapped by (b + c) / n). It holds the number of images where the models differ fixed, as the
-    test does; so it excludes 0 exactly when p < 0.05. The two-sided p is twice the smaller
-    tail at q = 1/2 (for one run, scipy's and statsmodels' exact McNemar p).
-
-    If no image has a nonzero s, the interval is +-the Clopper-Pearson upper bound on how
-    often one can (0 of n seen): never a zero-width interval.
+    The interval: the difference is ``w * (2q - 1)``, with ``q`` the chance that an image where
+    one model is ahead is A's, and ``w`` how much the models differ per image (one run: the
+    share of discordant images; several: the mean |s| / runs). For ``q``: the values not
+    rejected by either exact one-sided test at 2.5% (one run: Clopper-Pearson on b / (b + c)),
+    which is what inverts the test; for ``w``: the Clopper-Pearson interval of W / runs of n
+    (W the summed |s|; with several runs W / runs need not be whole, and the beta form of the
+    interval is used as it stands). The difference's interval spans w * (2q - 1) over both, so
+    it excludes 0 exactly when the interval of q excludes 1/2, that is when p < 0.05, and it
+    does not end at the estimate when one model is never ahead (as the interval conditional on
+    W would: b = 20, c = 0 of 60 cannot bound the difference at 33.3 points). Holding w at its
+    estimate is the conditional interval; spanning w's interval too makes it wider, not narrower.
+    The two-sided p is twice the smaller tail at q = 1/2 (one run: scipy's and statsmodels'
+    exact McNemar p). With no image where a model is ahead, it is +-w's upper bound: never a
+    zero-width interval.
     """
     a, b = _correctness(a_correct, b_correct)
     runs, n = a.shape
@@ -155,9 +160,11 @@ def over_images(a_correct, b_correct) -> Paired:
     total, lead = int(np.abs(s).sum()), int(s[s > 0].sum())
     test = "McNemar exact test" if runs == 1 else f"exact sign-flip test over images ({runs} runs)"
     a_ahead, b_ahead = int((s > 0).sum()), int((s < 0).sum())
+    share = total / runs  # W / runs of n: Clopper-Pearson interval of how much the models differ
+    w_low = float(stats.beta.ppf(ALPHA / 2, share, n - share + 1)) if share > 0 else 0.0
+    w_high = float(stats.beta.ppf(1 - ALPHA / 2, share + 1, n - share)) if share < n else 1.0
     if total == 0:
-        bound = 1 - (ALPHA / 2) ** (1 / n)
-        return Paired(0.0, -100 * bound, 100 * bound, 1.0, test, IMAGES, n, runs, 0, 0,
+        return Paired(0.0, -100 * w_high, 100 * w_high, 1.0, test, IMAGES, n, runs, 0, 0,
                       note=f"neither model is ahead on any of the {n} images; the interval bounds "
                            "how often one could be")
     lower, upper = _lead_tails(levels, lead, 0.5)
@@ -176,8 +183,10 @@ def over_images(a_correct, b_correct) -> Paired:
         q_high = min(np.nextafter(0.5, 0), _root(lambda q: _lead_tails(levels, lead, q)[0] - ALPHA / 2, 0.0, 0.5))
     else:
         q_high = _root(lambda q: _lead_tails(levels, lead, q)[0] - ALPHA / 2, 0.5, 1.0)
-    scale = 100 * total / (runs * n)
-    return Paired(100 * s.sum() / (runs * n), scale * (2 * q_low - 1), scale * (2 * q_high - 1), float(p),
+    low, high = 2 * q_low - 1, 2 * q_high - 1
+    low *= w_high if low < 0 else w_low
+    high *= w_high if high > 0 else w_low
+    return Paired(100 * s.sum() / (runs * n), 100 * low, 100 * high, float(p),
                   test, IMAGES, n, runs, a_ahead, b_ahead)
 
 
