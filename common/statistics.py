@@ -8,16 +8,18 @@ them, and every pairwise result says what it generalises over (``covers``):
   (initialisation, augmentation, batch order) is not covered: with one or two runs nothing can
   say whether another training run would reverse the result.
 - ``IMAGES_AND_RUNS``: both the sampling of images and training randomness (3 or more runs).
+- ``IMAGES_AND_FOLDS``: images and training sets, over cross-validation folds.
 
 Per model: ``wilson`` (one run's accuracy over its images), ``over_runs`` (a metric's mean over
 runs, t interval). Per pair (A minus B, accuracy points), one test decides and its interval is
-the one that inverts that same test, so "the interval excludes 0" and "p < 0.05" always agree:
+built from that same test, so "the interval excludes 0" and "p < 0.05" always agree:
 
 - ``over_images``: the exact paired test on per-image correctness. With one run it is
   McNemar's exact test; with several runs on the same images, the exact sign-flip test that
   swaps the two models on an image in every run at once.
 - ``over_runs_and_images``: several runs on the same images (runs x images crossed), a t test
-  whose variance holds both sources (Owen 2007).
+  whose variance holds both sources (Owen 2007); ``over_runs_and_images_and_exact`` decides
+  with it and the exact test together (a claim needs both).
 - ``over_folds``: Nadeau and Bengio's corrected resampled t-test over cross-validation folds.
 - ``holm``: Holm's step-down adjustment over the pairs of one split.
 """
@@ -186,7 +188,7 @@ def over_images(a_correct, b_correct) -> Paired:
     low, high = 2 * q_low - 1, 2 * q_high - 1
     low *= w_high if low < 0 else w_low
     high *= w_high if high > 0 else w_low
-    return Paired(100 * s.sum() / (runs * n), 100 * low, 100 * high, float(p),
+    return Paired(float(100 * s.sum() / (runs * n)), 100 * low, 100 * high, float(p),
                   test, IMAGES, n, runs, a_ahead, b_ahead)
 
 
@@ -243,7 +245,7 @@ def over_runs_and_images(a_correct, b_correct) -> Paired:
     half = float(stats.t.ppf(1 - ALPHA / 2, df)) * se
     fresh_sd = math.sqrt(var_run + (var_image + ms_resid) / n + se2)
     s = d.sum(0)
-    return Paired(100 * grand, 100 * (grand - half), 100 * (grand + half), p,
+    return Paired(float(100 * grand), float(100 * (grand - half)), float(100 * (grand + half)), p,
                   f"t over {runs} runs x {n} images (crossed)", IMAGES_AND_RUNS, n, runs,
                   int((s > 0).sum()), int((s < 0).sum()), float(stats.t.cdf(grand / fresh_sd, df)))
 
@@ -293,7 +295,7 @@ def over_folds(a_folds, b_folds, pool: int) -> Paired:
     p = float(2 * stats.t.sf(abs(t_value), k - 1))
     half = float(stats.t.ppf(1 - ALPHA / 2, k - 1)) * se
     a_all, b_all = np.concatenate(a_folds), np.concatenate(b_folds)
-    return Paired(100 * d.mean(), 100 * (d.mean() - half), 100 * (d.mean() + half), p,
+    return Paired(float(100 * d.mean()), float(100 * (d.mean() - half)), float(100 * (d.mean() + half)), p,
                   f"corrected resampled t-test over {k} folds", IMAGES_AND_FOLDS, int(sizes.sum()), k,
                   int((a_all & ~b_all).sum()), int((~a_all & b_all).sum()))
 
