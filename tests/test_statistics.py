@@ -122,10 +122,21 @@ def test_no_discordant_image_gives_a_bound_not_a_point():
 
 # --- runs x images -----------------------------------------------------------------------------------
 
-def test_runs_and_images_variance_against_a_brute_force_decomposition():
+def _crossed_cases():
+    """Runs x images: independent answers; images that are hard for every run (an image effect);
+    and both an image effect and run-to-run shifts, so each variance component is exercised."""
     rng = np.random.default_rng(1)
-    a = rng.random((4, 60)) < 0.8
-    b = rng.random((4, 60)) < 0.6
+    yield rng.random((4, 60)) < 0.8, rng.random((4, 60)) < 0.6
+    hard = rng.random(60)
+    yield (np.stack([hard < 0.8 + 0.05 * rng.standard_normal(60) for _ in range(4)]),
+           np.stack([hard < 0.6 + 0.05 * rng.standard_normal(60) for _ in range(4)]))
+    yield (np.stack([hard < shift + 0.05 * rng.standard_normal(60) for shift in (0.6, 0.9, 0.7, 0.85)]),
+           np.stack([hard < 0.6 + 0.05 * rng.standard_normal(60) for _ in range(4)]))
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_runs_and_images_variance_against_a_brute_force_decomposition(case):
+    a, b = list(_crossed_cases())[case]
     result = statistics.over_runs_and_images(a, b)
     d = a.astype(float) - b.astype(float)
     runs, n = d.shape
