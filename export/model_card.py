@@ -54,6 +54,13 @@ def front_matter(entries: list[dict], reports: dict[str, dict], dataset: str) ->
     }
 
 
+def _selection(manifest: dict) -> list[tuple[str, str, str]]:
+    """(model, run, how it was chosen) for each model exported from a study of several runs."""
+    chosen = manifest.get("selection", {})
+    return [(e["display_name"], e["training_run"], chosen[e["name"]]) for e in manifest["models"]
+            if e["precision"] == "fp32" and e["training_run"] != "single" and e["name"] in chosen]
+
+
 def render(manifest: dict, run_dir: Path) -> str:
     entries = manifest["models"]
     reports = {e["name"]: _report(run_dir, e["name"], e["training_run"]) for e in entries}
@@ -86,6 +93,8 @@ def render(manifest: dict, run_dir: Path) -> str:
         "split, where there is one, was never used to choose anything. `run` names the exported "
         "run of a study with several (`seed-<s>`, `fold-<k>`); the run folder's `comparison.md` "
         "compares the models over all of them, with intervals and paired tests.", "",
+        *[f"- {name}: the `{run}` run, {why}." for name, run, why in _selection(manifest)],
+        *([""] if _selection(manifest) else []),
         "## Classes", "",
         ", ".join(f"`{c}`" for c in first["class_names"]) + f" ({len(first['class_names'])}, in output order).", "",
         "## Input and preprocessing", "",
@@ -111,8 +120,10 @@ def render(manifest: dict, run_dir: Path) -> str:
         "- Intended for classifying images like those the models were trained on, into exactly "
         "the classes above, and for comparing the three architectures side by side. Any other "
         "image still gets one of these classes: the models cannot say \"none of these\".",
-        "- The metrics come from one run on one split; small validation sets give wide "
-        "uncertainty, so differences of a few points between models may be noise.",
+        "- The metrics come from the exported run alone, on one split; small validation sets "
+        "give wide uncertainty, so differences of a few points between models may be noise, and "
+        "a run chosen as the best of several by validation loss looks better on validation than "
+        "a fresh run would.",
         "- The models were trained from scratch (or from the weights named in the run's "
         "`config.json`) on the data named above; they inherit that data's biases and gaps and "
         "are not for decisions about people.",

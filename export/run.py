@@ -96,6 +96,18 @@ def choose_member(run_dir: Path, name: str, study: list[Member], seed: int | Non
     return min(study, key=val_loss)
 
 
+def how_chosen(study: list[Member], seed: int | None, fold: int | None) -> str:
+    """Why this run was exported, for the log and the model card (best of N said where it is)."""
+    if len(study) == 1:
+        return "the only run"
+    if seed is not None or fold is not None:
+        return f"chosen by --{'seed' if seed is not None else 'fold'} among {len(study)} runs"
+    if study[0].fold is not None:
+        return f"fold 1 of {len(study)} (the default; --fold picks another)"
+    return (f"the lowest validation loss among {len(study)} runs (best of {len(study)}, so its "
+            "validation figures are optimistic; its test figures are not)")
+
+
 def split_images(run_dir: Path, split: str, preprocessing: Preprocessing, limit: int,
                  member: Member | None = None):
     """One split of a run (splits.json) through the real preprocessing: images, labels, paths."""
@@ -275,16 +287,17 @@ def export(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"Exporting {', '.join(names)} from {run_dir} to {out_dir}/ (opset {args.opset})", flush=True)
+    selection = {name: how_chosen(study, args.seed, args.fold) for name in names}
     for name in names:
         if chosen[name].label:
-            print(f"{name}: the {chosen[name].label} run", flush=True)
+            print(f"{name}: the {chosen[name].label} run, {selection[name]}", flush=True)
     exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize, chosen[name],
                           args.int8_search) for name in names]
     # FP32 entries first: a reader that ignores "precision" still finds one file per model.
     entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
               [e for per_model in exported for e in per_model if e["precision"] != "fp32"]
     examples = copy_examples(run_dir, out_dir, chosen[names[0]])
-    manifest = {"run": str(run_dir), "models": entries, "examples": examples}
+    manifest = {"run": str(run_dir), "models": entries, "examples": examples, "selection": selection}
     write_json(out_dir / "manifest.json", manifest)
     model_card.write(out_dir / "README.md", manifest, run_dir)
     print(f"Wrote {len(entries)} model(s), {len(examples)} example image(s), "

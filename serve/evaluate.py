@@ -8,8 +8,11 @@ Every served model of every exported precision (or --precision) classifies the i
 batches, with the app's decoding and preprocessing. Written to --out: report.json,
 report.md, and a confusion-matrix PNG per model and precision: accuracy, macro-F1 (over the
 classes present in the data), per-class precision/recall/F1, the top-1 agreement of every
-pair of models, and of each INT8 file with its FP32 twin. Class names are matched by name;
-a label the models do not know is a user mistake (exit code 2). Torch-free.
+pair of models, and of each INT8 file with its FP32 twin; each accuracy with its 95% Wilson
+interval and every pair's exact paired test (McNemar's, with the interval that inverts it;
+Holm-adjusted over the pairs), in the words the training comparison uses (common/statistics).
+Class names are matched by name; a label the models do not know is a user mistake (exit code
+2). Torch-free.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import imaging
+from common import statistics
 from common.errors import UserError, run_cli
 from common.files import atomic_write, write_json, write_text
 from serve.batch import Progress, classify_files, default_batch_size, default_workers, model_key
@@ -155,6 +159,8 @@ def evaluate(args: argparse.Namespace) -> int:
         result = {"name": p.name, "display_name": p.display_name, "precision": p.precision,
                   "file": p.path.name, **metrics(truth, np.array(predicted[key]), class_names),
                   "confusion_png": f"confusion_{key}.png"}
+        interval = statistics.wilson(int((np.array(predicted[key]) == truth).sum()), len(truth))
+        result["accuracy_ci"] = [interval.low, interval.high]
         draw_confusion(result["confusion"], class_names,
                        f"{p.display_name} ({p.precision}): accuracy {result['accuracy']:.1%}",
                        out / result["confusion_png"])
@@ -164,24 +170,55 @@ def evaluate(args: argparse.Namespace) -> int:
         pair = {"a": model_key(a), "b": model_key(b), "top1_agreement": agree}
         twins = a.name == b.name and {a.precision, b.precision} == {"fp32", "int8"}
         report["int8_vs_fp32" if twins else "agreement"].append(pair)
+    report["pairwise"] = pairwise(predictors, {k: np.array(v) == truth for k, v in predicted.items()})
     write_json(out / "report.json", report)
     write_text(out / "report.md", markdown(report))
     for path, reason in failures:
         print(f"  unusable: {path}: {reason}", file=sys.stderr)
     best = max(report["models"], key=lambda m: m["accuracy"])
-    print(f"Wrote {out / 'report.md'}: {len(used)} image(s), best accuracy {best['accuracy']:.1%} "
-          f"({best['display_name']} {best['precision']})", file=sys.stderr)
+    print(f"Wrote {out / 'report.md'}: {len(used)} image(s), highest accuracy {best['accuracy']:.1%} "
+          f"({best['display_name']} {best['precision']}; the pairwise tests say which differences "
+          "the images support)", file=sys.stderr)
     return 0
+
+
+def pairwise(predictors, correct: dict[str, np.ndarray]) -> list[dict]:
+    """Every pair of model files on the same images: accuracy difference (the one ahead first),
+    McNemar's exact test with its interval, Holm-adjusted over the pairs, and the sentence."""
+    found = []
+    for a, b in combinations(predictors, 2):
+        if statistics.over_images(correct[model_key(a)], correct[model_key(b)]).difference < 0:
+            a, b = b, a
+        found.append((a, b, statistics.over_images(correct[model_key(a)], correct[model_key(b)])))
+    adjusted = statistics.holm([result.p_value for _, _, result in found])
+    return [{"a": model_key(a), "b": model_key(b), **result.as_dict(), "p_holm": p_holm,
+             "sentence": statistics.sentence(f"{a.display_name} ({a.precision})", f"{b.display_name} ({b.precision})",
+                                             result, p_holm, len(found))}
+            for (a, b, result), p_holm in zip(found, adjusted)]
 
 
 def markdown(report: dict) -> str:
     lines = ["# Evaluation of the exported models", "",
              f"Data: `{report['data']}`" + (f" (split `{report['split']}`)" if report["split"] else "")
              + f", {report['images']} image(s) used, {len(report['unusable'])} unusable.", "",
-             "| model | precision | accuracy | macro-F1 | confusion matrix |", "|---|---|---:|---:|---|"]
+             "| model | precision | accuracy (95% Wilson interval) | macro-F1 | confusion matrix |",
+             "|---|---|---:|---:|---|"]
     for m in report["models"]:
-        lines.append(f"| {m['display_name']} | {m['precision']} | {m['accuracy']:.4f} | "
+        low, high = m["accuracy_ci"]
+        lines.append(f"| {m['display_name']} | {m['precision']} | {m['accuracy']:.4f} ({low:.4f}–{high:.4f}) | "
                      f"{m['macro_f1']:.4f} | [{m['confusion_png']}]({m['confusion_png']}) |")
+    if report["pairwise"]:
+        lines += ["", "## What the data supports", "",
+                  "Each exported file is one trained model, so these compare the files on images like "
+                  "these; the images are held out only if the models never saw them in training or in "
+                  "choosing their epoch.", ""]
+        lines += [f"- {p['sentence']}" for p in report["pairwise"]]
+        lines += ["", "| a | b | difference (points) | 95% CI | p | Holm-adjusted p | test | only a right / only b right |",
+                  "|---|---|---:|---:|---:|---:|---|---:|"]
+        lines += [f"| {p['a']} | {p['b']} | {p['difference']:+.1f} | {statistics.format_points(p['low'])} to "
+                  f"{statistics.format_points(p['high'])} | {statistics.format_p(p['p_value'], prefix='')} | "
+                  f"{statistics.format_p(p['p_holm'], prefix='')} | {p['test']} | {p['a_ahead']} / {p['b_ahead']} |"
+                  for p in report["pairwise"]]
     for title, pairs in (("Top-1 agreement between models", report["agreement"]),
                          ("INT8 files against their FP32 twins", report["int8_vs_fp32"])):
         if pairs:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import signal
 import subprocess
@@ -15,77 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from conftest import ROOT, TINY_SIZE, run_python
-from training import statistics
+from common import statistics
 
 MODELS = ("plain34", "resnet34")
-
-
-# --- the statistics, against published values ---------------------------------------------------
-
-def test_mcnemar_exact_on_a_fixed_table():
-    # 1 image only A got right, 9 only B: the exact two-sided p is 2 * P(X <= 1), X ~ B(10, 1/2),
-    # = 2 * 11 / 1024 (the textbook exact McNemar example); 30 images both got right.
-    a = [True] * 30 + [True] + [False] * 9
-    b = [True] * 30 + [False] + [True] * 9
-    result = statistics.mcnemar(a, b)
-    assert (result.a_only, result.b_only, result.n) == (1, 9, 40)
-    assert result.p_value == pytest.approx(22 / 1024, abs=1e-12)
-    assert result.difference == pytest.approx(-20.0)  # 31/40 - 39/40
-    # The paired interval is the t interval of the per-image differences.
-    diff = np.array(a, float) - np.array(b, float)
-    low, high = stats.t.interval(0.95, 39, loc=diff.mean(), scale=stats.sem(diff))
-    assert (result.low, result.high) == pytest.approx((100 * low, 100 * high))
-    assert statistics.mcnemar([True, False], [True, False]).p_value == 1.0  # no discordant image
-
-
-def test_t_interval_over_runs():
-    est = statistics.over_runs([1, 2, 3, 4, 5])
-    # mean 3, sem sqrt(2.5 / 5), t(0.975, 4) = 2.776445
-    assert est.mean == 3 and est.std == pytest.approx(math.sqrt(2.5))
-    assert (est.low, est.high) == pytest.approx((3 - 2.776445 * math.sqrt(0.5), 3 + 2.776445 * math.sqrt(0.5)), abs=1e-5)
-    one = statistics.over_runs([0.7])
-    assert (one.mean, one.std, one.low, one.n) == (0.7, None, None, 1)
-
-
-def test_wilson_interval():
-    est = statistics.wilson(8, 10)  # the Wilson 95% interval of 8/10 is 0.490 to 0.943
-    assert est.mean == 0.8 and (round(est.low, 3), round(est.high, 3)) == (0.49, 0.943)
-
-
-def test_paired_t_test_over_runs_and_sentences():
-    a, b = [0.80, 0.85, 0.83, 0.86], [0.60, 0.62, 0.66, 0.61]
-    result = statistics.paired_t(a, b)
-    reference = stats.ttest_rel(a, b)
-    assert result.p_value == pytest.approx(reference.pvalue)
-    ci = reference.confidence_interval(0.95)
-    assert (result.low, result.high) == pytest.approx((100 * ci.low, 100 * ci.high))
-    assert result.difference == pytest.approx(100 * (np.mean(a) - np.mean(b)))
-    text = statistics.sentence("ResNet-34", "Plain-34", result)
-    assert text.startswith(f"ResNet-34 beats Plain-34 by {result.difference:.1f} points (95% CI ")
-    assert "p = 0.00" in text or "p < 0.001" in text
-    close = statistics.paired_t([0.80, 0.82, 0.81], [0.81, 0.80, 0.80])
-    assert close.p_value > 0.05
-    assert statistics.sentence("A", "B", close).endswith("the data cannot tell them apart.")
-
-
-def test_pairs_put_the_better_model_first_by_the_test_that_decides():
-    from training.comparison import summarize
-
-    def run(accuracy, right):  # 100 validation images, the first `right` of them correct
-        rows = [{"split": "val", "path": f"{i}.png", "label": "a", "predicted": "a" if i < right else "b"}
-                for i in range(100)]
-        report = {"display_name": "?", "val_accuracy": accuracy, "val_macro_f1": accuracy, "val_loss": 1.0}
-        return {"report": report, "predictions": rows, "history": []}
-
-    # Over both seeds M is better, but McNemar (two runs: the first seed's images) sees N ahead.
-    data = {"m": [run(0.40, 40), run(0.95, 95)], "n": [run(0.60, 60), run(0.60, 60)]}
-    (pair,) = summarize(data, ["val"], pooled=False)["pairs"]["val"]
-    assert pair["models"] == ["n", "m"] and pair["primary"]["test"] == "McNemar exact test"
-    assert pair["difference_points"] == pytest.approx(20.0) and pair["primary"]["low"] > 0
-    assert "beats" in pair["sentence"] and "-" not in pair["sentence"].split("by ")[1].split(" points")[0]
 
 
 # --- runs with --seeds and --folds ---------------------------------------------------------------
@@ -191,18 +124,22 @@ def test_the_comparison_aggregates_the_runs(seeds_run):
                 est = summary["models"][name][split][key]
                 assert est["mean"] == pytest.approx(np.mean(values))
                 assert est["std"] == pytest.approx(np.std(values, ddof=1))
-    # The pair's McNemar test counts each image once, from the first seed's predictions.
-    (pair,) = summary["pairs"]["val"]
+    # Two seeds: the exact test over images on both seeds' predictions decides (per image, the
+    # lead summed over the seeds); too few runs for training randomness, and it says so.
+    (pair,) = summary["pairs"]["test"]
     a, b = pair["models"]
-    rows = {n: {r["path"]: r["label"] == r["predicted"] for r in _predictions(seeds_run / n / "seed-67")
-                if r["split"] == "val"} for n in (a, b)}
-    paths = sorted(rows[a])
-    expected = statistics.mcnemar([rows[a][p] for p in paths], [rows[b][p] for p in paths])
-    assert pair["mcnemar"]["p_value"] == pytest.approx(expected.p_value)
-    assert pair["t_test"] is None  # two seeds are too few for a t-test
-    assert pair["difference_points"] >= 0  # the better model first
+    rows = {n: [{r["path"]: r["label"] == r["predicted"] for r in _predictions(seeds_run / n / f"seed-{s}")
+                 if r["split"] == "test"} for s in (67, 68)] for n in (a, b)}
+    paths = sorted(rows[a][0])
+    expected = statistics.over_images([[run[p] for p in paths] for run in rows[a]],
+                                      [[run[p] for p in paths] for run in rows[b]])
+    assert pair["primary"] == expected.as_dict() and pair["primary"]["covers"] == statistics.IMAGES
+    assert pair["difference_points"] >= 0  # the model ahead first
+    means = [summary["models"][m]["test"]["accuracy"]["mean"] for m in (a, b)]
+    assert pair["difference_points"] == pytest.approx(100 * (means[0] - means[1]))  # what the table shows
     text = (seeds_run / "comparison.md").read_text()
-    assert pair["sentence"] in text and "## Test" in text and "comparison.png" in text
+    assert pair["sentence"] in text.split("## What the data supports")[1].split("\n## ")[0]
+    assert "## Test" in text and "comparison.png" in text and "too few to estimate training randomness" in text
     assert (seeds_run / "comparison.png").stat().st_size > 10_000
 
 
@@ -212,8 +149,12 @@ def test_folds_pool_every_image_once_for_mcnemar_and_wilson(folds_run):
     rows = [r for k in (1, 2, 3) for r in _predictions(folds_run / "resnet34" / f"fold-{k}") if r["split"] == "val"]
     assert pooled["n"] == len(rows)
     assert pooled["mean"] == pytest.approx(np.mean([r["label"] == r["predicted"] for r in rows]))
-    assert summary["pairs"]["val"][0]["t_test"] is not None  # 3 folds: a t-test over them too
-    assert summary["pairs"]["val"][0]["mcnemar"]["n"] == len(rows)
+    pair = summary["pairs"]["val"][0]
+    assert pair["over_images"]["images"] == len(rows)  # the exact test: every pooled image once
+    # Over the folds: the corrected resampled t-test, or (folds that do not differ at all) the
+    # exact test on the pooled images, never a plain t-test over overlapping training sets.
+    assert pair["primary"]["test"] in ("corrected resampled t-test over 3 folds", "McNemar exact test")
+    assert "Each fold's validation images also chose that fold's epoch" in (folds_run / "comparison.md").read_text()
 
 
 def test_export_picks_a_run_and_records_it(seeds_run, folds_run, tmp_path):
@@ -225,9 +166,12 @@ def test_export_picks_a_run_and_records_it(seeds_run, folds_run, tmp_path):
               for s in (67, 68)}
     best = min(losses, key=losses.get)
     assert Predictor(tmp_path / "a" / "resnet34.onnx").metadata["training_run"] == f"seed-{best}"
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert f"the `seed-{best}` run, the lowest validation loss among 2 runs (best of 2" in card
     assert main(["--run", str(folds_run), "--out", str(tmp_path / "b"), "--models", "resnet34", "--fold", "2"]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["models"][0]["training_run"] == "fold-2"
+    assert "the `fold-2` run, chosen by --fold among 3 runs" in (tmp_path / "b" / "README.md").read_text()
     assert main(["--run", str(folds_run), "--out", str(tmp_path / "c"), "--models", "resnet34", "--seed", "99"]) == 2
 
 

@@ -648,7 +648,8 @@ def test_comparison_lists_the_models(trained_run):
         assert f"{EXPECTED_PARAMETERS[name]:,}" in row
     # One run: Wilson intervals and a McNemar test per pair, one sentence each.
     assert "Wilson" in text and text.count("McNemar exact test") == 3
-    assert len([line for line in validation.splitlines() if line.startswith("- ")]) == 3
+    claims = text.split("## What the data supports")[1].split("\n## ")[0]
+    assert len([line for line in claims.splitlines() if line.startswith("- ")]) == 3
 
 
 def test_parameter_count_in_the_report_is_the_models(trained_run):
