@@ -10,8 +10,8 @@ from torch import nn
 
 from conftest import TINY_SIZE
 from training import trainer
-from training.config import (IMPROVED, ORIGINAL, QUICK_PROFILE, RECIPES, ConfigError, TrainConfig,
-                             config_from_args, make_config, quick_profile, to_dict)
+from training.config import (DOCS, IMPROVED, ORIGINAL, QUICK_PROFILE, RECIPES, ConfigError, TrainConfig,
+                             config_from_args, docs_with_table, make_config, quick_profile, to_dict)
 from training.distributed import World
 from training.engine import Precision, evaluate, train_one_epoch
 from training.recipe import BatchMix, build_ema, build_mix, build_optimization
@@ -95,6 +95,24 @@ def test_help_shows_the_improved_recipe_next_to_the_default(capsys):
         help_of = text.split(f"{flag} {name.upper()}")[-1].split(f"--{after}")[0]
         assert f"default: {ORIGINAL[name]}" in help_of, flag
         assert (f"--recipe improved: {value}" in help_of) == (value != ORIGINAL[name]), flag
+
+
+def test_the_settings_table_in_the_docs_is_the_one_the_fields_make():
+    text = DOCS.read_text(encoding="utf-8")
+    assert docs_with_table(text) == text, "run python -m training.config to rewrite docs/recipe.md"
+    for f in dataclasses.fields(TrainConfig):  # each help text reaches the table
+        assert f.metadata["help"].replace("$", "\\$") in text, f.name
+
+
+def test_flags_and_config_files_convert_a_setting_the_same_way(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"epochs": 3.0, "lr": "2e-4", "models": ["resnet34"], "no_cache": true}')
+    from_file = _config(["--config", str(path)])
+    flagged = _config(["--epochs", "3", "--lr", "2e-4", "--models", "resnet34", "--no-cache"])
+    assert from_file == flagged
+    path.write_text('{"models": [1, 2]}')
+    with pytest.raises(ConfigError, match="models .* must be comma-separated names"):
+        _config(["--config", str(path)])
 
 
 # --- learning-rate schedules ------------------------------------------------------------------------
