@@ -11,7 +11,7 @@ from torch import nn
 from conftest import TINY_SIZE
 from training import trainer
 from training.config import (DOCS, IMPROVED, ORIGINAL, QUICK_PROFILE, RECIPES, ConfigError, TrainConfig,
-                             config_from_args, docs_with_table, make_config, quick_profile, to_dict)
+                             config_from_args, docs_with_table, make_config, to_dict)
 from training.distributed import World
 from training.engine import Precision, evaluate, train_one_epoch
 from training.recipe import BatchMix, build_ema, build_mix, build_optimization
@@ -52,7 +52,8 @@ def test_a_flag_or_file_overrides_the_recipe(tmp_path):
     path.write_text("data: x\nrecipe: improved\nema_decay: 0.99\nepochs: 40\n")
     from_file = _config(["--config", str(path), "--epochs", "50"])
     assert from_file.recipe == "improved"
-    assert _recipe_values(from_file) == {**IMPROVED, "ema_decay": 0.99, "epochs": 50}
+    assert _recipe_values(from_file) == {**IMPROVED, "ema_decay": 0.99, "epochs": 50,
+                                         "warmup_epochs": 3}  # 5 of 100, rounded up
     # A flag may choose another recipe than the file: the file's own settings still apply.
     back = _config(["--config", str(path), "--recipe", "original"])
     assert _recipe_values(back) == {**ORIGINAL, "ema_decay": 0.99, "epochs": 40}
@@ -60,13 +61,32 @@ def test_a_flag_or_file_overrides_the_recipe(tmp_path):
 
 def test_the_quick_profile_sits_between_the_recipe_and_the_user(tmp_path):
     quick = _config(["--recipe", "improved"])  # no --data: the built-in dataset's quick profile
-    profile = quick_profile("improved")
-    assert profile["warmup_epochs"] < profile["epochs"] == QUICK_PROFILE["epochs"]
-    assert _recipe_values(quick) == {**IMPROVED, **{k: v for k, v in profile.items() if k in IMPROVED}}
+    assert _recipe_values(quick) == {**IMPROVED, **{k: v for k, v in QUICK_PROFILE.items() if k in IMPROVED},
+                                     "warmup_epochs": 1}  # 5 of 100 epochs is 1 of 6
     assert quick.image_size == QUICK_PROFILE["image_size"]
     assert _recipe_values(_config([])) == {**ORIGINAL, **{k: v for k, v in QUICK_PROFILE.items()
                                                           if k in ORIGINAL}}
     assert _config(["--recipe", "improved", "--warmup-epochs", "2"]).warmup_epochs == 2
+
+
+@pytest.mark.parametrize("epochs, warmup", [(100, 5), (200, 10), (30, 2), (10, 1), (6, 1), (2, 1), (1, 0)])
+def test_an_unset_warm_up_follows_the_epochs(epochs, warmup):
+    config, _, _, notices = config_from_args(["--data", "x", "--recipe", "improved", "--epochs", str(epochs)])
+    assert config.warmup_epochs == warmup
+    assert notices == ([] if warmup == 5 else [
+        f"warm-up: {warmup} of {epochs} epochs, the improved recipe's 5 of 100 scaled to the epochs "
+        "(--warmup-epochs sets it)"])
+    assert _config(["--data", "x", "--epochs", str(epochs)]).warmup_epochs == 0  # the original has none
+
+
+def test_a_warm_up_the_user_set_is_kept_or_refused(tmp_path):
+    assert _config(["--data", "x", "--recipe", "improved", "--epochs", "10", "--warmup-epochs", "7"]
+                   ).warmup_epochs == 7
+    path = tmp_path / "c.yaml"
+    path.write_text("recipe: improved\nepochs: 10\nwarmup_epochs: 0\n")
+    assert _config(["--data", "x", "--config", str(path)]).warmup_epochs == 0  # a file sets it too
+    with pytest.raises(ConfigError, match=r"warmup_epochs must be at least 0 and below epochs \(10\), got 10"):
+        _config(["--data", "x", "--recipe", "improved", "--epochs", "10", "--warmup-epochs", "10"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -75,7 +95,8 @@ def test_the_quick_profile_sits_between_the_recipe_and_the_user(tmp_path):
     (["--mix-prob", "1.5"], "mix_prob must be in"),
     (["--mix-prob", "0.5", "--mixup-alpha", "0", "--cutmix-alpha", "0"], "needs mixup_alpha or cutmix_alpha"),
     (["--ema-decay", "1"], r"ema_decay must be in \[0, 1\)"),
-    (["--data", "x", "--recipe", "improved", "--epochs", "5"], "warmup_epochs must be .* below epochs"),
+    (["--data", "x", "--recipe", "improved", "--epochs", "5", "--warmup-epochs", "5"],
+     "warmup_epochs must be .* below epochs"),
     (["--label-smoothing", "1"], "label_smoothing"),
 ])
 def test_bad_recipe_settings_are_one_line_errors(argv, message):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -75,7 +76,8 @@ class TrainConfig:
                              "step_size epochs")
     gamma: float = setting(ORIGINAL["gamma"], "step: the learning rate's factor at each step")
     warmup_epochs: int = setting(ORIGINAL["warmup_epochs"], "epochs of linear learning-rate warm-up "
-                                 "before the schedule")
+                                 "before the schedule; when not set, the recipe's scaled to --epochs "
+                                 "(rounded up: 5 of 100 is 1 of 6)")
     patience: int = setting(ORIGINAL["patience"], "early stopping: epochs without a validation-loss "
                             "improvement")
     min_delta: float = setting(1e-4, "the smallest decrease of validation loss that counts")
@@ -171,14 +173,13 @@ def _one_of(name: str, value: str, choices) -> str:
 # on 2 CPU cores: the learning rate drops after 4 epochs and 2 more settle it (ResNet-34
 # reaches about 0.84 validation accuracy).
 QUICK_PROFILE = {"image_size": 48, "batch_size": 32, "epochs": 6, "step_size": 4, "test_fraction": 0.1}
-# What the quick profile shortens in a recipe beyond the epochs: 5 warm-up epochs of 6 would
-# leave one to train at the full rate.
-QUICK_PROFILE_BY_RECIPE = {"original": {}, "improved": {"warmup_epochs": 1}}
 
 
-def quick_profile(recipe: str) -> dict:
-    """The quick profile's settings for a recipe."""
-    return {**QUICK_PROFILE, **QUICK_PROFILE_BY_RECIPE.get(recipe, {})}
+def scaled_warmup(recipe: str, epochs: int) -> int:
+    """The recipe's warm-up at ``epochs`` epochs: the same share of the run, rounded up so that a
+    recipe with a warm-up keeps one, and below ``epochs`` so that one epoch at least follows it."""
+    values = RECIPES[recipe]
+    return min(math.ceil(values["warmup_epochs"] * epochs / values["epochs"]), epochs - 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.run",
         description="Train Plain-34, ResNet-34 and ResNet-34-Modified and compare them.",
-        epilog=f"Without --data the built-in dataset is trained with the quick profile ({quick}; "
-               f"with --recipe improved also --warmup-epochs "
-               f"{QUICK_PROFILE_BY_RECIPE['improved']['warmup_epochs']}); "
+        epilog=f"Without --data the built-in dataset is trained with the quick profile ({quick}); "
                "any flag or config-file setting still overrides it.",
         argument_default=argparse.SUPPRESS,  # only flags the user gave override the config
     )
@@ -226,9 +225,6 @@ def _defaults_text(name: str) -> str:
     for recipe, values in RECIPES.items():
         if values.get(name, default) != default:
             shown += f"; --recipe {recipe}: {values[name]}"
-        quick = QUICK_PROFILE_BY_RECIPE.get(recipe, {})
-        if name in quick:
-            shown += f" (quick profile: {quick[name]})"
     return shown
 
 
@@ -302,14 +298,22 @@ def read_config_file(path: str) -> dict:
     return converted
 
 
-def make_config(overrides: dict) -> TrainConfig:
+def make_config(overrides: dict, notices: list[str] | None = None) -> TrainConfig:
     """Defaults, then the chosen recipe's values, then the quick profile if no data is named,
-    then the overrides."""
+    then the overrides. Without an override the warm-up follows the epochs (``scaled_warmup``);
+    ``notices`` gets a line saying so where that changes it."""
     recipe = _one_of("recipe", overrides.get("recipe") or TrainConfig.recipe, RECIPES)
     values = dict(RECIPES[recipe])
     if not overrides.get("data"):
-        values.update(quick_profile(recipe))
+        values.update(QUICK_PROFILE)
     values.update({k: v for k, v in overrides.items() if not (k == "data" and v is None)})
+    if "warmup_epochs" not in overrides and isinstance(values["epochs"], int) and values["epochs"] >= 1:
+        warmup = scaled_warmup(recipe, values["epochs"])
+        if warmup != values["warmup_epochs"] and notices is not None:
+            notices.append(f"warm-up: {warmup} of {values['epochs']} epochs, the {recipe} recipe's "
+                           f"{values['warmup_epochs']} of {RECIPES[recipe]['epochs']} scaled to the "
+                           "epochs (--warmup-epochs sets it)")
+        values["warmup_epochs"] = warmup
     try:
         return TrainConfig(**values)
     except TypeError as exc:
@@ -320,8 +324,9 @@ def make_config(overrides: dict) -> TrainConfig:
 RESUME_FLAGS = {"out", "device", "workers", "precision", "cache_dir", "no_cache"}
 
 
-def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, set[str]]:
-    """Parse the command line: the config, the --resume value (or None), the settings given."""
+def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, set[str], list[str]]:
+    """Parse the command line: the config, the --resume value (or None), the settings given, and
+    notices of settings that followed others (see ``make_config``)."""
     args = vars(build_parser().parse_args(argv))
     resume = args.pop("resume", None)
     changed = sorted(set(args) - RESUME_FLAGS)
@@ -330,7 +335,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | 
                           + ", ".join("--" + k.replace("_", "-") for k in changed))
     overrides = read_config_file(args.pop("config")) if "config" in args else {}
     overrides.update(args)
-    return make_config(overrides), resume, set(args)
+    notices: list[str] = []
+    return make_config(overrides, notices), resume, set(args), notices
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str] | None = None) -> int:
     world = distributed.World()
     try:
-        config, resume, given = config_from_args(argv)
+        config, resume, given, notices = config_from_args(argv)
         config, run_dir = resolve_run(config, resume, given)
         world, device = distributed.init(config.device)
         run_dir = Path(distributed.broadcast(str(run_dir), world))
@@ -123,6 +123,8 @@ def train(argv: list[str] | None = None) -> int:
                   f"Device: {device}" + (f" x {world.size} processes" if world.distributed else "")
                   + (f"\nRuns per model: {len(study)} ({', '.join(m.label for m in study)})"
                      if len(study) > 1 else ""), flush=True)
+            for notice in notices:
+                print(notice[0].upper() + notice[1:], flush=True)
         for member in study:  # a resumed study skips finished runs and continues the one it was in
             member_config = dataclasses.replace(config, seed=member.seed)
             member_data = folds[member.fold] if folds else data
