@@ -11,7 +11,7 @@ from torch import nn
 from conftest import TINY_SIZE
 from training import trainer
 from training.config import (DOCS, IMPROVED, ORIGINAL, QUICK_PROFILE, RECIPES, ConfigError, TrainConfig,
-                             config_from_args, docs_with_table, make_config, to_dict)
+                             config_from_args, docs_with_table, from_dict, make_config, to_dict)
 from training.distributed import World
 from training.engine import Precision, evaluate, train_one_epoch
 from training.recipe import BatchMix, build_ema, build_mix, build_optimization
@@ -303,10 +303,10 @@ def ema_runs(small_data, tmp_path_factory):
 def test_config_json_records_the_recipe_and_every_value_used(ema_runs):
     full, _, _ = ema_runs
     saved = json.loads((full / "config.json").read_text())
-    assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig)} | {"chosen"}
     assert saved["recipe"] == "improved"
     assert {k: saved[k] for k in IMPROVED} == {**IMPROVED, "epochs": EPOCHS, "warmup_epochs": 1}
-    assert to_dict(make_config(saved)) == saved  # what --resume continues with
+    assert to_dict(from_dict(saved), saved["chosen"]) == saved  # what --resume continues with
 
 
 def test_best_checkpoint_holds_the_average_not_the_trained_weights(ema_runs):
@@ -326,7 +326,7 @@ def test_validation_evaluates_the_average(ema_runs, small_data):
     from training.run import load_dataset
 
     full, _, stopped = ema_runs
-    config = make_config(json.loads((full / "config.json").read_text()))
+    config = from_dict(json.loads((full / "config.json").read_text()))
     split = load_dataset(config, World()).splits["val"]
     criterion = build_optimization(nn.Linear(1, 1), config).criterion
 

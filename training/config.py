@@ -339,8 +339,17 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | 
     return make_config(overrides, notices), resume, set(args), notices
 
 
-def to_dict(config: TrainConfig) -> dict:
-    return asdict(config)
+CHOSEN = "chosen"  # config.json's record of what the run chose where a setting left it open, and why
+
+
+def to_dict(config: TrainConfig, chosen: dict[str, str] | None = None) -> dict:
+    """What a run's config.json holds: every setting, and ``chosen`` under CHOSEN (not a setting)."""
+    return {**asdict(config), **({CHOSEN: chosen} if chosen else {})}
+
+
+def from_dict(saved: dict) -> TrainConfig:
+    """The config a run's config.json records."""
+    return make_config({k: v for k, v in saved.items() if k != CHOSEN})
 
 
 # --- the settings table of docs/recipe.md, made from the fields --------------------------------

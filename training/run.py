@@ -15,9 +15,10 @@ from pathlib import Path
 from common.errors import run_cli
 from common.files import write_json
 from training import distributed, transfer
-from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config, to_dict
+from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, from_dict, to_dict
 from training.attention import write_heatmaps
 from training.comparison import write_comparison
+from training.engine import Precision
 from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
 from training.study import members
 from training.synthetic import ensure_builtin_dataset
@@ -58,7 +59,7 @@ def resolve_run(config: TrainConfig, resume: str | None, given: set[str]) -> tup
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
-    resumed = make_config(json.loads(saved.read_text()))
+    resumed = from_dict(json.loads(saved.read_text()))
     return dataclasses.replace(resumed, **{n: getattr(config, n) for n in given & RESUME_FLAGS}), run_dir
 
 
@@ -110,7 +111,8 @@ def train(argv: list[str] | None = None) -> int:
             transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "config.json", to_dict(config))
+            precision = Precision(device, config.precision).chosen()
+            write_json(run_dir / "config.json", to_dict(config, {"precision": precision}))
             write_json(run_dir / "bad_files.json", data.bad_files)
             listed = {"class_names": data.class_names}
             if folds:  # each fold's validation images; a fold trains on all the others
@@ -120,7 +122,9 @@ def train(argv: list[str] | None = None) -> int:
                 listed.update({name: _listed(split) for name, split in data.splits.items()})
             write_json(run_dir / "splits.json", listed)
             print(f"Run folder: {run_dir}\nData: {config.data}: {describe(data, run_dir)}\n"
+                  f"Images: {data.decoding}\n"
                   f"Device: {device}" + (f" x {world.size} processes" if world.distributed else "")
+                  + f"\nPrecision: {precision}"
                   + (f"\nRuns per model: {len(study)} ({', '.join(m.label for m in study)})"
                      if len(study) > 1 else ""), flush=True)
             for notice in notices:
