@@ -30,7 +30,8 @@ from export.onnx_export import INPUT_NAME, export_model, metadata_for
 from export.fidelity import compare_files
 from export.quantize import quantize_file
 from imaging.preprocessing import Preprocessing
-from serve.predictor import create_session, physical_cores
+from common.cpu import usable_logical_cpus
+from serve.predictor import create_session
 from training import checkpoint
 from training.models import MODEL_NAMES, create_model
 from training.transforms import EvalTransform, decode
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
               f"error: no best.pt for {', '.join(missing) or 'any model'} in '{run_dir}'", file=sys.stderr)
         return 1
     batches = [int(b) for b in args.batches.split(",")]
-    threads = args.threads or physical_cores()
+    threads = args.threads or usable_logical_cpus()
     if args.clock == "cpu" and threads != 1:
         print("error: --clock cpu needs --threads 1 (other threads' time would be missed)", file=sys.stderr)
         return 1

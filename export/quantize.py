@@ -28,7 +28,6 @@ fewest that a sensitivity ranking and a greedy search find (export/sensitivity.p
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from common.errors import Failure
+from common.files import temporary_path
 from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, set_metadata
 
 CALIBRATION_IMAGES = 256  # the most training images calibration reads
@@ -381,11 +381,6 @@ def one_line_errors(fp32_path: Path, *partial: Path):
             raise
         raise QuantizeError(f"{fp32_path.name}: quantization failed: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-
-
-def temporary_path(out_path: Path, tag: str = "") -> Path:
-    """A file next to ``out_path`` that the caller renames into place once it has checked it."""
-    return out_path.with_name(f".{out_path.name}{tag}.tmp{os.getpid()}")
 
 
 def quantize_file(fp32_path: Path, out_path: Path, calibration: np.ndarray, metadata: dict[str, str],

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from common.errors import UserError, run_cli
-from common.files import sha256_of, write_json
+from common.files import sha256_of, temporary_path, write_json
 from export import model_card
 from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for
 from export.parity import check_parity
 from export.fidelity import TARGETS as INT8_TARGETS
 from export.fidelity import compare_files
 from export.fidelity import describe as describe_fidelity
-from export.quantize import CALIBRATION_IMAGES, Quantizer, one_line_errors, temporary_path
+from export.quantize import CALIBRATION_IMAGES, Quantizer, one_line_errors
 from export.sensitivity import Measure, choose_float_layers, summary
 from export.triton import write_repository
 from imaging.preprocessing import Preprocessing

@@ -13,7 +13,6 @@ from them.
 from __future__ import annotations
 
 import csv
-import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cpu import usable_logical_cpus
 from common.errors import UserError
 from common.files import class_folders, files_under
 from imaging.preprocessing import Preprocessing
@@ -133,7 +133,7 @@ def decode_all(samples: list[Sample], specs: list[Preprocessing], processes: int
     Returns (per spec, the images of the samples that decoded; those samples; bad-file records;
     how many files were decoded and how many the cache held).
     """
-    decoded = decode_files([s.path for s in samples], specs, cache_dir, processes or os.cpu_count() or 1)
+    decoded = decode_files([s.path for s in samples], specs, cache_dir, processes or usable_logical_cpus())
     return decoded.images, [samples[i] for i in decoded.good], decoded.bad, decoded.work
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from common.cpu import usable_logical_cpus
 from common.errors import run_cli
 from common.files import write_json
 from training import distributed, transfer
@@ -73,7 +73,7 @@ def load_dataset(config: TrainConfig, world: distributed.World):
     if config.folds and "val" in index.splits:
         raise ConfigError(f"--folds makes its own validation folds, but '{root}' has a val/ folder; "
                           "drop --folds or the val/ folder")
-    processes = max(1, (os.cpu_count() or 1) // distributed.local_size())  # every rank decodes
+    processes = max(1, usable_logical_cpus() // distributed.local_size())  # every rank decodes
     return prepare_data(index, preprocessing_for(config), config.val_fraction, config.test_fraction,
                         config.seed, processes, require_val=not config.folds,
                         train_storage=train_storage_for(config), cache_dir=cache_dir_for(config))
