@@ -137,6 +137,7 @@ def test_seeds_give_one_folder_per_model_and_seed(seeds_run):
     assert splits[0] == splits[1]
 
 
+@pytest.mark.slow  # trains (through the fixture it names)
 @pytest.mark.parametrize("fixture", ["seeds_run", "folds_run"])
 def test_predictions_csv_agrees_with_the_report(fixture, request):
     run_dir = request.getfixturevalue(fixture)
@@ -268,6 +269,7 @@ def _study_args(data, out):
             "--out", str(out)]
 
 
+@pytest.mark.slow  # trains a model
 def test_a_study_killed_in_its_second_run_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     second = resumed / "resnet34" / "seed-68" / "last.pt"

@@ -262,6 +262,7 @@ def test_cached_rows_read_the_same_in_loader_workers(tmp_path):
     assert torch.equal(rows[[2, 0]], torch.stack([rows[2], rows[0]]))
 
 
+@pytest.mark.slow  # trains a model
 def test_training_reads_the_same_pixels_from_the_cache_as_from_memory(tiny_dataset, tmp_path):
     from training.run import main
 

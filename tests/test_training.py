@@ -696,6 +696,7 @@ def test_the_precision_chosen_says_why(monkeypatch, device, flags, mode, chosen)
     assert engine.Precision(torch.device(device), mode).chosen() == chosen
 
 
+@pytest.mark.slow  # trains a model
 def test_a_bfloat16_run_trains_and_records_its_precision(tiny_dataset, tmp_path, capsys):
     from training.run import main
 
