@@ -232,6 +232,7 @@ def test_export_picks_a_run_and_records_it(seeds_run, folds_run, tmp_path):
     assert main(["--run", str(folds_run), "--out", str(tmp_path / "c"), "--models", "resnet34", "--seed", "99"]) == 2
 
 
+@pytest.mark.slow  # four training.run processes (about 40 s)
 def test_folds_with_a_val_folder_is_a_one_line_error(tmp_path, tiny_dataset):
     for split in ("train", "val"):
         for cls in ("checks", "dots"):
