@@ -15,6 +15,7 @@ from typing import Callable
 
 import common.cpu
 from common import files
+from common.cpu import usable_logical_cpus
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -42,7 +43,7 @@ def machine() -> dict:
 
     info = {
         "cpu": cpu_model(), "cpu_flags": cpu_flags(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_logical_cpus(),
         "python": platform.python_version(), "numpy": numpy.__version__,
         "onnxruntime": onnxruntime.__version__,
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

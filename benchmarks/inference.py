@@ -27,9 +27,11 @@ from benchmarks.common import (RESULTS_DIR, command_line, interleaved, machine, 
                                median_ms, write_json)
 from common.files import sha256_of
 from export.onnx_export import INPUT_NAME, export_model, metadata_for
-from export.quantize import compare, quantize_file
+from export.fidelity import compare_files
+from export.quantize import quantize_file
 from imaging.preprocessing import Preprocessing
-from serve.predictor import create_session, physical_cores
+from common.cpu import usable_logical_cpus
+from serve.predictor import create_session
 from training import checkpoint
 from training.models import MODEL_NAMES, create_model
 from training.transforms import EvalTransform, decode
@@ -117,12 +119,12 @@ def build(name: str, run_dir: Path | None, size: int, calibration: np.ndarray, w
     fp32, int8 = create_session(fp32_path, threads), create_session(int8_path, threads)
     with torch.inference_mode():
         reference = model(torch.from_numpy(calibration[:8])).numpy()
-    agreement = compare(fp32, int8, calibration, np.zeros(len(calibration), np.int64))
+    agreement = compare_files(fp32, int8, calibration, np.zeros(len(calibration), np.int64))
     facts = {
         "fp32_max_abs_logit_diff": float(np.abs(fp32.run(["logits"], {INPUT_NAME: calibration[:8]})[0]
                                                 - reference).max()),
         "int8_top1_agreement_on_calibration": agreement["top1_agreement"],
-        "int8_max_abs_probability_diff": agreement["max_abs_probability_diff"],
+        "int8_max_abs_probability_diff": agreement["max_probability_change"],
         "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size,
         "int8_float_layers": list(float_layers),
     }
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
               f"error: no best.pt for {', '.join(missing) or 'any model'} in '{run_dir}'", file=sys.stderr)
         return 1
     batches = [int(b) for b in args.batches.split(",")]
-    threads = args.threads or physical_cores()
+    threads = args.threads or usable_logical_cpus()
     if args.clock == "cpu" and threads != 1:
         print("error: --clock cpu needs --threads 1 (other threads' time would be missed)", file=sys.stderr)
         return 1

@@ -10,13 +10,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The hidden name beside ``path`` that a file or folder is written under before one rename
+    puts it in place: a reader never sees it half-written, and each process has its own."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; once the block succeeds it replaces ``path``
     in one rename, and if the block fails it is deleted. Write to the yielded path with
     anything (``torch.save``, ``savefig(format=...)``, ``write_text``)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -84,7 +84,10 @@ def render(manifest: dict, run_dir: Path) -> str:
         parity = e.get("parity") or {}
         fidelity = e.get("quantization", {}).get("validation", {})
         check = (f"{parity['max_abs_logit_diff']:.1e}" if parity else
-                 f"INT8: {fidelity['top1_agreement']:.1%} top-1 agreement" if fidelity.get("images") else "–")
+                 f"INT8: {fidelity['top1_agreement']:.1%} top-1 agreement"
+                 + ("" if fidelity.get("decisive_agreement") is None else
+                    f" ({fidelity['decisive_agreement']:.1%} on decisive images)")
+                 if fidelity.get("images") else "–")
         lines.append(f"| `{e['file']}` | {e['display_name']} | {e['precision']} | {e['training_run']} | "
                      f"{_pct(report.get('val_accuracy'))} | {_pct(_macro_f1(report.get('per_class')))} | "
                      f"{_pct(report.get('test_accuracy'))} | {check} | {e['size_bytes'] / 1e6:.1f} MB |")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from common.errors import Failure
+from common.files import temporary_path
 from imaging import preprocessing
 from training.checkpoint import architecture_of, preprocessing_of, rebuild_model
 from training.models import HEATMAP_LAYER
@@ -102,7 +102,7 @@ def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int 
     model = exportable(rebuild_model(ckpt))
     height, width = preprocessing_of(ckpt).input_size
     example = torch.randn(2, 3, height, width)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(out_path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

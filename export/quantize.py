@@ -28,33 +28,29 @@ fewest that a sensitivity ranking and a greedy search find (export/sensitivity.p
 """
 from __future__ import annotations
 
-import ast
-import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
-from scipy import stats
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                       QuantType, quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from common.errors import Failure
-from export.onnx_export import INPUT_NAME, set_metadata
-from training.layers import ExpMish, GradCam, PooledMish, SqueezeExcite
+from common.files import temporary_path
+from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, set_metadata
 
 CALIBRATION_IMAGES = 256  # the most training images calibration reads
 CALIBRATION_BATCH = 16
 # A Relu is folded into its integer convolution; GlobalAveragePool: the SE blocks' means (see
 # _means_as_global_pools).
 QUANTIZED_OPS = ["Conv", "Relu", "MaxPool", "Add", "Mul", "GlobalAveragePool"]
-HIERARCHY = "pkg.torch.onnx.class_hierarchy"  # the exporter's metadata: a node's modules
-# Modules whose nodes quantize_static leaves float.
-FLOAT_MODULES = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in (ExpMish, PooledMish, GradCam))
+# training.layers.ExpMish as the exporter writes it: x * n / (n + 2), n = e (e + 2), e = exp(min(x, 20)).
+MISH_OPS = Counter({"Clip": 1, "Exp": 1, "Add": 2, "Mul": 2, "Div": 1})
 # mish(x) = x * tanh(softplus(x)) ~ x * (sum of w * sigmoid(a x + b) over (w, a, b) terms):
 # minimax fits on [-10, 10], the first one used that a layer's calibrated range allows (see
 # mish_lookup_tables). Two terms are off by at most 0.007, a fifth of a step of an 8-bit
@@ -79,43 +75,140 @@ class _Batches(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, np.float32)}
 
 
-def _metadata(node: onnx.NodeProto, key: str) -> str:
-    return next((p.value for p in node.metadata_props if p.key == key), "")
+class _Graph:
+    """A graph's nodes, indexed by the value each makes and the nodes that read each value:
+    the float layers are found from the graph's own structure, not from the exporter's private
+    node metadata or Python class names, which a torch upgrade may change."""
 
+    def __init__(self, model: onnx.ModelProto):
+        self.nodes = list(model.graph.node)
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.users = defaultdict(list)
+        for node in self.nodes:
+            for name in node.input:
+                self.users[name].append(node)
+        self.constants = {i.name for i in model.graph.initializer} | {
+            o for n in self.nodes if n.op_type == "Constant" for o in n.output}
 
-def _in_float_module(node: onnx.NodeProto) -> bool:
-    classes = _metadata(node, HIERARCHY)
-    return any(cls in classes for cls in FLOAT_MODULES)
+    def mish(self, exp: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """The nodes of the Mish (``MISH_OPS``) around one Exp, or [] where they are no Mish:
+        the Clip feeding it, then each Add, Mul or Div that reads only the Mish's own values,
+        its input and constants."""
+        clip = self.producer.get(exp.input[0])
+        if clip is None or clip.op_type != "Clip":
+            return []
+        x, nodes = self.source(clip.input[0]), [clip, exp]
+        made = {clip.output[0], exp.output[0]}
+        grown = True
+        while grown:
+            grown = False
+            for node in [u for value in list(made) for u in self.users[value]]:
+                if node not in nodes and node.op_type in ("Add", "Mul", "Div") and all(
+                        i in made or i in self.constants or self.source(i) == x for i in node.input):
+                    nodes.append(node)
+                    made.update(node.output)
+                    grown = True
+        return nodes if Counter(n.op_type for n in nodes) == MISH_OPS else []
+
+    def source(self, value: str):
+        """What a value is: a DequantizeLinear's output is its (quantized input, scale, zero
+        point), whichever copy of that DequantizeLinear made it."""
+        node = self.producer.get(value)
+        return tuple(node.input) if node is not None and node.op_type == "DequantizeLinear" else value
+
+    def mish_instances(self) -> list[list[onnx.NodeProto]]:
+        """Every Mish of the graph; any other Exp is an error (quantization would not know it)."""
+        instances = []
+        for exp in (n for n in self.nodes if n.op_type == "Exp"):
+            nodes = self.mish(exp)
+            if not nodes:
+                raise QuantizeError(f"an Exp ({exp.name}) that is not the exported Mish "
+                                    "(x * n / (n + 2), n = e (e + 2), e = exp(min(x, 20)))")
+            instances.append(nodes)
+        return instances
+
+    def output_of(self, nodes: list[onnx.NodeProto]) -> str:
+        """The value a group of nodes makes that is read outside it (a graph output counts)."""
+        names = {n.name for n in nodes}
+        return next(o for n in nodes for o in n.output
+                    if any(u.name not in names for u in self.users[o]) or not self.users[o])
+
+    def pooled_mish(self, instances: list[list[onnx.NodeProto]]) -> set[str]:
+        """training.layers.PooledMish: Max(mish(MaxPool(s)), mish(-MaxPool(-s))), each Mish's
+        input reached through MaxPool and Neg nodes only. Its nodes."""
+        by_output = {self.output_of(nodes): nodes for nodes in instances}
+        found = set()
+        for node in (n for n in self.nodes if n.op_type == "Max"):
+            if len(node.input) == 2 and all(i in by_output for i in node.input):
+                found.add(node.name)
+                for value in node.input:
+                    mish = by_output[value]
+                    found.update(n.name for n in mish)
+                    before = self.producer.get(mish[0].input[0])
+                    while before is not None and before.op_type in ("MaxPool", "Neg"):
+                        found.add(before.name)
+                        before = self.producer.get(before.input[0])
+        return found
+
+    def ancestors(self, values: list[str]) -> set[str]:
+        """Names of the nodes that ``values`` are computed from."""
+        found, todo = set(), list(values)
+        while todo:
+            node = self.producer.get(todo.pop())
+            if node is not None and node.name not in found:
+                found.add(node.name)
+                todo += list(node.input)
+        return found
+
+    def gates_its_input(self, node: onnx.NodeProto, depth: int = 8) -> bool:
+        """Whether ``node``'s input is multiplied by a value computed from its output within
+        ``depth`` steps: squeeze-and-excitation's mean, gate and scaling."""
+        x, values = node.input[0], [node.output[0]]
+        for _ in range(depth):
+            readers = [u for v in values for u in self.users[v]]
+            if any(u.op_type == "Mul" and x in u.input for u in readers):
+                return True
+            values = [o for u in readers if u.op_type != "Conv" for o in u.output]
+        return False
 
 
 def float_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes quantize_static must leave float32 (see the module docstring)."""
-    keep = {n.name for n in model.graph.node if _in_float_module(n)}
+    """Names of the nodes quantize_static must leave float32 (see the module docstring): each
+    Mish (``mish_lookup_tables`` makes integer kernels of those it can), the pooled Mish, the
+    nodes only the heatmaps are computed from (Grad-CAM), and a stem convolution that feeds
+    only float nodes."""
+    graph = _Graph(model)
+    instances = graph.mish_instances()
+    keep = {n.name for nodes in instances for n in nodes} | graph.pooled_mish(instances)
+    heatmaps, answers = OUTPUT_NAMES[2], list(OUTPUT_NAMES[:2])
+    keep |= graph.ancestors([heatmaps]) - graph.ancestors(answers)
     # The stem convolution reads the 3-channel image, where the integer kernel is slower than the
     # float one (measured): keep it float when everything it feeds stays float anyway.
     inputs = {i.name for i in model.graph.input}
-    for conv in (n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs):
-        users = [n for n in model.graph.node if conv.output[0] in n.input]
+    for conv in (n for n in graph.nodes if n.op_type == "Conv" and n.input[0] in inputs):
+        users = graph.users[conv.output[0]]
         if users and all(n.name in keep for n in users):
             keep.add(conv.name)
-    return [n.name for n in model.graph.node if n.name in keep]
+    return [n.name for n in graph.nodes if n.name in keep]
 
 
 def _means_as_global_pools(model: onnx.ModelProto) -> None:
     """The SE blocks' ReduceMean over H and W -> GlobalAveragePool + Flatten, the same numbers.
     ONNX Runtime has an integer GlobalAveragePool that reads the convolution's 8-bit output as
-    it is, where a float ReduceMean needs all of it dequantized first."""
+    it is, where a float ReduceMean needs all of it dequantized first. (The final pooling, which
+    feeds the float head, stays a ReduceMean.)"""
+    graph = _Graph(model)
     initializers = {i.name: i for i in model.graph.initializer}
     nodes = []
-    for node in model.graph.node:
+    for node in graph.nodes:
         axes = node.input[1] if node.op_type == "ReduceMean" and len(node.input) == 2 else ""
         keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
         if axes in initializers and list(numpy_helper.to_array(initializers[axes])) == [2, 3] \
-                and keepdims == 0 and SqueezeExcite.__qualname__ in _metadata(node, HIERARCHY):
+                and keepdims == 0 and graph.gates_its_input(node):
             pooled = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0] + "_pooled"],
                                       name=node.name + "_pool")
             flat = helper.make_node("Flatten", [pooled.output[0]], [node.output[0]], name=node.name, axis=1)
-            for new in (pooled, flat):  # keep the exporter's metadata (module names)
+            for new in (pooled, flat):  # the exporter's metadata stays with the values it describes
                 new.metadata_props.extend(node.metadata_props)
             nodes += [pooled, flat]
         else:
@@ -138,19 +231,11 @@ def mish_lookup_tables(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    users = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            users[name].append(node)
-    instances = defaultdict(list)  # one Mish module -> its nodes (the stem's two calls share one)
-    for node in graph.node:
-        if ExpMish.__qualname__ in _metadata(node, HIERARCHY):
-            scopes = ast.literal_eval(_metadata(node, "pkg.torch.onnx.name_scopes") or "[]")
-            instances[tuple(scopes[:-1])].append(node)
+    indexed = _Graph(model)
+    producer, users = indexed.producer, indexed.users
 
     removed, replacements = set(), {}  # the last node of a Mish -> the nodes replacing all of it
-    for nodes in instances.values():
+    for nodes in indexed.mish_instances():
         names = {n.name for n in nodes}
         made = {o for n in nodes for o in n.output}
         inputs = {i for n in nodes for i in n.input if i and i not in made and i not in initializers}
@@ -243,14 +328,10 @@ class Quantizer:
         work = Path(self._work.name)
         self.prepared, self.cache = work / "prepared.onnx", work / "calibration.json"
         # Shape inference only: the FP32 graph is optimised already (BatchNorm folded), and
-        # skipping ONNX Runtime's rewrite keeps the node names and metadata used below.
+        # skipping ONNX Runtime's rewrite keeps the graph's form, which float_nodes reads.
         quant_pre_process(str(fp32_path), str(self.prepared), skip_optimization=True,
                           skip_symbolic_shape=True)
         graph = onnx.load(str(self.prepared))
-        if any(n.op_type == "Exp" for n in graph.graph.node) \
-                and not any(_metadata(n, HIERARCHY) for n in graph.graph.node):
-            raise QuantizeError(f"{fp32_path.name}: no module metadata to find its Mish layers "
-                                "by (export it with python -m export.run)")
         _means_as_global_pools(graph)
         onnx.save(graph, str(self.prepared))
         self.always_float = float_nodes(graph)
@@ -302,11 +383,6 @@ def one_line_errors(fp32_path: Path, *partial: Path):
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def temporary_path(out_path: Path, tag: str = "") -> Path:
-    """A file next to ``out_path`` that the caller renames into place once it has checked it."""
-    return out_path.with_name(f".{out_path.name}{tag}.tmp{os.getpid()}")
-
-
 def quantize_file(fp32_path: Path, out_path: Path, calibration: np.ndarray, metadata: dict[str, str],
                   *, method: CalibrationMethod = CalibrationMethod.MinMax,
                   reduce_range: bool = True, float_layers: tuple[str, ...] | list[str] = ()) -> Path:
@@ -321,46 +397,3 @@ def quantize_file(fp32_path: Path, out_path: Path, calibration: np.ndarray, meta
     with one_line_errors(fp32_path, tmp):
         with Quantizer(fp32_path, calibration, method=method, reduce_range=reduce_range) as quantizer:
             return quantizer.quantize(tmp, metadata, float_layers)
-
-
-def compare(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray,
-            batch_size: int = CALIBRATION_BATCH) -> dict:
-    """How far INT8 strays from FP32 on labelled images: top-1 agreement and both accuracies."""
-    def predict(session):
-        outputs = [session.run(["probabilities", "heatmaps"], {INPUT_NAME: images[i:i + batch_size]})
-                   for i in range(0, len(images), batch_size)]
-        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
-
-    n = len(images)
-    if n == 0:
-        return {"images": 0, "top1_agreement": None, "fp32_accuracy": None, "int8_accuracy": None,
-                "accuracy_drop": None, "max_abs_probability_diff": None, "heatmap_correlation": None,
-                "heatmap_correlation_target": HEATMAP_CORRELATION_TARGET}
-    (fp32, fp32_maps), (int8, int8_maps) = predict(fp32_session), predict(int8_session)
-    fp32_top, int8_top = fp32.argmax(1), int8.argmax(1)
-    fp32_acc, int8_acc = float((fp32_top == labels).mean()), float((int8_top == labels).mean())
-    return {
-        "images": n,
-        "top1_agreement": float((fp32_top == int8_top).mean()),
-        "fp32_accuracy": fp32_acc,
-        "int8_accuracy": int8_acc,
-        "accuracy_drop": fp32_acc - int8_acc,
-        "max_abs_probability_diff": float(np.abs(fp32 - int8).max()),
-        "heatmap_correlation": heatmap_correlation(fp32_maps, int8_maps, fp32_top),
-        "heatmap_correlation_target": HEATMAP_CORRELATION_TARGET,
-    }
-
-
-HEATMAP_CORRELATION_TARGET = 0.9
-
-
-def heatmap_correlation(fp32_maps: np.ndarray, int8_maps: np.ndarray, top: np.ndarray) -> float | None:
-    """Mean Pearson correlation of the INT8 and FP32 heatmaps of FP32's top class (None where a
-    map has a single cell, or images whose maps are constant, leave nothing to correlate)."""
-    rows = np.arange(len(top))
-    a = fp32_maps[rows, top].reshape(len(top), -1)
-    b = int8_maps[rows, top].reshape(len(top), -1)
-    usable = (a.std(1) > 0) & (b.std(1) > 0)
-    if a.shape[1] < 2 or not usable.any():
-        return None
-    return float(np.mean([stats.pearsonr(x, y).statistic for x, y in zip(a[usable], b[usable])]))

@@ -16,19 +16,22 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.errors import UserError, run_cli
-from common.files import sha256_of, write_json
+from common.files import sha256_of, temporary_path, write_json
 from export import model_card
 from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for
 from export.parity import check_parity
-from export.quantize import CALIBRATION_IMAGES, Quantizer, one_line_errors, compare, temporary_path
-from export.sensitivity import TARGETS as INT8_TARGETS
-from export.sensitivity import Measure, choose_float_layers, shortfall, summary
+from export.fidelity import TARGETS as INT8_TARGETS
+from export.fidelity import compare_files
+from export.fidelity import describe as describe_fidelity
+from export.quantize import CALIBRATION_IMAGES, Quantizer, one_line_errors
+from export.sensitivity import Measure, choose_float_layers, summary
 from export.triton import write_repository
 from imaging.preprocessing import Preprocessing
 from serve.predictor import create_session
@@ -164,54 +167,92 @@ def copy_examples(run_dir: Path, out_dir: Path, member: Member | None = None) ->
 def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path,
                  member: Member, search: str = "auto") -> dict:
     """<model>.int8.onnx from the exported FP32 file, with the fewest layers kept float that meet
-    the targets on the validation images (export/sensitivity.py), its report, its sensitivity
-    report and its manifest entry."""
-    name, spec = entry["name"], checkpoint.preprocessing_of(ckpt)
-    calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES, member)
-    if not len(calibration):
-        raise ExportError(f"{name}: no training images listed in '{run_dir / 'splits.json'}' "
-                          "to calibrate INT8 on")
-    fp32_path, out_path = out_dir / entry["file"], out_dir / f"{name}.int8.onnx"
-    metadata = metadata_for(ckpt, ckpt_sha256, "int8", entry["training_run"])
-    images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES, member)
-    fp32_session, tmp = create_session(fp32_path), temporary_path(out_path)
-    try:
-        with one_line_errors(fp32_path, tmp), Quantizer(fp32_path, calibration) as quantizer, \
-                tempfile.TemporaryDirectory(prefix="int8-search-") as work:
-            result, ranked = None, None
-            if len(images) and search != "off":
-                measure = Measure(quantizer, metadata, Path(work), fp32_session, images, labels, create_session)
-                result, ranked = choose_float_layers(measure, always_rank=search == "always")
-            quantizer.quantize(tmp, metadata, result.float_layers if result else [])
-        report = compare(fp32_session, create_session(tmp), images, labels)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    meets = report["images"] > 0 and shortfall({"top1_agreement": report["top1_agreement"],
-                                                 "accuracy_change": report["accuracy_drop"]}) == 0
-    sensitivity_file = out_dir / f"{name}.int8-sensitivity.json"
-    report = {"model": name, "file": out_path.name, "fp32_file": fp32_path.name,
-              "calibration_images": len(calibration), "validation": report,
-              "targets": INT8_TARGETS, "meets_targets": meets,
-              **float_layer_report(result, ranked, sensitivity_file.name)}
-    write_json(out_dir / f"{name}.int8.json", report)
-    if ranked is not None:
-        write_json(sensitivity_file, {"model": name, **ranked})
-    else:
-        sensitivity_file.unlink(missing_ok=True)
+    the targets on the validation images (export/fidelity.py, export/sensitivity.py), its
+    report, its sensitivity report and its manifest entry."""
+    job = Int8Job.of(entry, ckpt, ckpt_sha256, run_dir, out_dir, member)
+    result, ranked, validation = write_int8(job, search)
+    report = write_int8_reports(job, result, ranked, validation)
     if result is not None:
-        print(summary(name, result, ranked), flush=True)
-    val = report["validation"]
-    line = "no validation images" if not val["images"] else (
-        f"top-1 agreement {val['top1_agreement']:.1%}, accuracy FP32 {val['fp32_accuracy']:.1%} "
-        f"-> INT8 {val['int8_accuracy']:.1%} on {val['images']} validation images"
-        + ("" if val["heatmap_correlation"] is None else
-           f", heatmap correlation {val['heatmap_correlation']:.3f}"))
-    print(f"{name}: INT8 {line}" + ("" if meets else " (below the targets)"), flush=True)
+        print(summary(job.name, result, ranked), flush=True)
+    print(int8_line(job.name, validation), flush=True)
+    out_path = job.out_path
     return {**{k: v for k, v in entry.items() if k != "parity"}, "file": out_path.name,
-            "precision": "int8", "exported_at": metadata["exported_at"],
+            "precision": "int8", "exported_at": job.metadata["exported_at"],
             "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
             "quantization": report}
+
+
+@dataclass
+class Int8Job:
+    """What quantizing one model reads: its files, metadata, calibration and validation images."""
+
+    name: str
+    fp32_path: Path
+    out_path: Path
+    metadata: dict
+    calibration: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path,
+           member: Member) -> "Int8Job":
+        name, spec = entry["name"], checkpoint.preprocessing_of(ckpt)
+        calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES, member)
+        if not len(calibration):
+            raise ExportError(f"{name}: no training images listed in '{run_dir / 'splits.json'}' "
+                              "to calibrate INT8 on")
+        images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES, member)
+        return cls(name, out_dir / entry["file"], out_dir / f"{name}.int8.onnx",
+                   metadata_for(ckpt, ckpt_sha256, "int8", entry["training_run"]), calibration, images, labels)
+
+
+def write_int8(job: Int8Job, search: str):
+    """Quantize (searching for float layers where every layer INT8 misses the targets, unless
+    ``search`` is off), measure the file against FP32 and move it into place: (the search's
+    result and ranking, or None, None; the file's validation measure)."""
+    fp32_session, tmp = create_session(job.fp32_path), temporary_path(job.out_path)
+    try:
+        with one_line_errors(job.fp32_path, tmp), Quantizer(job.fp32_path, job.calibration) as quantizer, \
+                tempfile.TemporaryDirectory(prefix="int8-search-") as work:
+            result, ranked = None, None
+            if len(job.images) and search != "off":
+                measure = Measure(quantizer, job.metadata, Path(work), fp32_session, job.images,
+                                  job.labels, create_session)
+                result, ranked = choose_float_layers(measure, always_rank=search == "always")
+            quantizer.quantize(tmp, job.metadata, result.float_layers if result else [])
+        validation = compare_files(fp32_session, create_session(tmp), job.images, job.labels)
+        os.replace(tmp, job.out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result, ranked, validation
+
+
+def write_int8_reports(job: Int8Job, result, ranked: dict | None, validation: dict) -> dict:
+    """<model>.int8.json (returned) and, where layers were ranked, <model>.int8-sensitivity.json."""
+    out_dir = job.out_path.parent
+    sensitivity_file = out_dir / f"{job.name}.int8-sensitivity.json"
+    report = {"model": job.name, "file": job.out_path.name, "fp32_file": job.fp32_path.name,
+              "calibration_images": len(job.calibration), "validation": validation,
+              "targets": INT8_TARGETS.as_dict(), "meets_targets": INT8_TARGETS.met(validation),
+              **float_layer_report(result, ranked, sensitivity_file.name)}
+    write_json(out_dir / f"{job.name}.int8.json", report)
+    if ranked is not None:
+        write_json(sensitivity_file, {"model": job.name, **ranked})
+    else:
+        sensitivity_file.unlink(missing_ok=True)
+    return report
+
+
+def int8_line(name: str, validation: dict) -> str:
+    """The export's line on the INT8 file."""
+    if not validation["images"]:
+        return f"{name}: INT8 no validation images (below the targets)"
+    heatmaps = validation["heatmap_correlation"]
+    return (f"{name}: INT8 {describe_fidelity(validation)}; accuracy FP32 {validation['fp32_accuracy']:.1%} "
+            f"-> INT8 {validation['int8_accuracy']:.1%} on {validation['images']} validation images"
+            + ("" if heatmaps is None else f", heatmap correlation {heatmaps:.3f}")
+            + ("" if INT8_TARGETS.met(validation) else " (below the targets)"))
 
 
 def float_layer_report(result, ranked: dict | None, sensitivity_file: str) -> dict:
@@ -221,7 +262,7 @@ def float_layer_report(result, ranked: dict | None, sensitivity_file: str) -> di
     alone = {r["layer"]: r for r in ranked["layers"]}
     return {
         "float_layers": [{"layer": layer, "sensitivity_rank": alone[layer]["rank"],
-                          "top1_agreement_alone_float": alone[layer]["top1_agreement"]}
+                          "alone_float": {k: v for k, v in alone[layer].items() if k not in ("layer", "rank")}}
                          for layer in result.float_layers],
         "search": {"sensitivity_file": sensitivity_file, "met_targets": result.met,
                    "all_int8": result.all_int8, "final": result.final, "steps": result.steps},

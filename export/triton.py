@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 
 from common.errors import UserError, run_cli
+from common.files import temporary_path
 from common.tensor_names import DATATYPES, MODEL_VERSION, model_name
 
 MAX_BATCH_SIZE = 32  # Triton batches concurrent requests up to this many images
@@ -97,7 +98,7 @@ def add_model(onnx_path: Path, repo: Path, name: str | None = None) -> Path:
     labels = class_names_of(model, onnx_path)
     # Build next to the final folder, then swap it in: a reader never sees half a model.
     folder = Path(repo) / name
-    tmp = folder.with_name(f".{name}.tmp{os.getpid()}")
+    tmp = temporary_path(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / MODEL_VERSION).mkdir(parents=True)
     shutil.copyfile(onnx_path, tmp / MODEL_VERSION / "model.onnx")

@@ -8,7 +8,6 @@ cross the process boundary.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 import time
 from collections import deque
@@ -18,25 +17,22 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 import imaging
+from common.cpu import usable_logical_cpus
 from imaging.preprocessing import Preprocessing
 
 if TYPE_CHECKING:  # not imported for real: the decoding workers import this module and
     from serve.predictor import Predictor  # need neither onnxruntime nor its start-up time
 
 
-def physical_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def default_batch_size() -> int:
     """Enough images per run to keep every core's share of a convolution busy."""
-    return min(64, 8 * physical_cores())
+    return min(64, 8 * usable_logical_cpus())
 
 
 def default_workers() -> int:
     """Decoding is a small share of a batch's time next to three models: half the cores,
     at most four, so ONNX Runtime keeps most of the machine."""
-    return max(1, min(4, physical_cores() // 2))
+    return max(1, min(4, usable_logical_cpus() // 2))
 
 
 def decode(path: str, specs: Sequence[Preprocessing], max_pixels: int):

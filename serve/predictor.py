@@ -22,6 +22,7 @@ import onnxruntime as ort
 from PIL import Image
 
 import imaging
+from common.cpu import usable_logical_cpus
 from common.errors import UserError
 from imaging.heatmap import normalized
 from imaging.preprocessing import Preprocessing
@@ -31,13 +32,6 @@ REQUIRED_METADATA = ("class_names", "input_size", "mean", "std", "architecture",
 
 class ModelFileError(UserError):
     """An .onnx file that cannot be served, with a one-line reason."""
-
-
-def physical_cores() -> int:
-    """CPU cores this process may use (ONNX Runtime gains nothing from hyper-threads)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def create_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
@@ -50,7 +44,7 @@ def create_session(path: str | os.PathLike, threads: int | None = None) -> ort.I
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = threads or usable_logical_cpus()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.spin_duration_us", "50")
     options.add_session_config_entry("session.force_spinning_stop", "1")

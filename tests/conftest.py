@@ -17,6 +17,20 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 TINY_SIZE = 32  # px: the smallest image size training accepts, fast on CPU
 
+# Fixtures that train models (or start the app on trained models): a test that uses one, even
+# through another fixture, is marked slow, so that the quick tier (-m "not slow and not browser
+# and not container") stays within minutes. Tests slow on their own carry @pytest.mark.slow.
+TRAINING_FIXTURES = {
+    "trained_run", "easy_run", "seeds_run", "folds_run", "ddp_run", "quadrant_models", "error_runs",
+    "ema_runs", "resume_runs", "spied_run", "early_stopped_run",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def decoded_image_cache(tmp_path_factory) -> Path:

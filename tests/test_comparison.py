@@ -70,6 +70,7 @@ def test_seeds_give_one_folder_per_model_and_seed(seeds_run):
     assert splits[0] == splits[1]
 
 
+@pytest.mark.slow  # trains (through the fixture it names)
 @pytest.mark.parametrize("fixture", ["seeds_run", "folds_run"])
 def test_predictions_csv_agrees_with_the_report(fixture, request):
     run_dir = request.getfixturevalue(fixture)
@@ -175,6 +176,7 @@ def test_export_picks_a_run_and_records_it(seeds_run, folds_run, tmp_path):
     assert main(["--run", str(folds_run), "--out", str(tmp_path / "c"), "--models", "resnet34", "--seed", "99"]) == 2
 
 
+@pytest.mark.slow  # four training.run processes (about 40 s)
 def test_folds_with_a_val_folder_is_a_one_line_error(tmp_path, tiny_dataset):
     for split in ("train", "val"):
         for cls in ("checks", "dots"):
@@ -212,6 +214,7 @@ def _study_args(data, out):
             "--out", str(out)]
 
 
+@pytest.mark.slow  # trains a model
 def test_a_study_killed_in_its_second_run_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     second = resumed / "resnet34" / "seed-68" / "last.pt"

@@ -215,6 +215,7 @@ def test_a_jpeg_cut_inside_its_scan_data_is_skipped_and_reported(tmp_path):
     assert all("cut.jpg" not in p for split in data.splits.values() for p in split.paths)
 
 
+@pytest.mark.slow  # trains a model
 def test_bad_files_are_skipped_and_reported(tmp_path, capsys):
     from training.run import main
 

@@ -101,6 +101,7 @@ def _scrambled(name: str, classes: int = 4) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow  # exports each model at a large input (30-45 s each on 2 cores)
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_heatmaps_equal_autograd_gradcam_at_224_like_shapes(name, tmp_path):
     from export.onnx_export import export_model

@@ -3,6 +3,7 @@ disk (reuse, invalidation, rebuilding, one writer for many processes)."""
 import json
 import multiprocessing
 import random
+import re
 import time
 from pathlib import Path
 from unittest import mock
@@ -134,6 +135,26 @@ def test_a_second_run_reads_the_cache_instead_of_decoding(tmp_path, counted):
     assert torch.equal(first.images[0][2], torch.from_numpy(SPEC.pixels(Image.open(paths[2])).transpose(2, 0, 1)))
 
 
+def test_decoding_says_what_it_did_and_shows_its_progress(tmp_path, monkeypatch):
+    bars = []
+    real_tqdm = image_cache.tqdm
+    monkeypatch.setattr(image_cache, "tqdm", lambda it, **kw: bars.append(kw) or real_tqdm(it, **kw))
+    paths = _write(tmp_path / "images", 5)
+    cache = tmp_path / "cache"
+    first = decode_files(paths, [SPEC, BIG], cache)
+    assert (bars[-1]["total"], bars[-1]["unit"]) == (5, "file")  # tqdm shows files/s
+    assert (first.work.decoded, first.work.reused) == (5, 0)
+    assert re.fullmatch(rf"decoded 5 files into {re.escape(str(cache))} in \d+\.\d s", str(first.work))
+    again = decode_files(paths, [SPEC, BIG], cache)
+    assert str(again.work) == f"reused 5 decoded files from {cache}"
+    assert len(bars) == 1  # no bar when nothing is decoded
+    more = decode_files(paths + _write(tmp_path / "more", 2), [SPEC], cache)
+    assert str(more.work).endswith(f"; reused 5 decoded files from {cache}")
+    assert str(more.work).startswith(f"decoded 2 files into {cache}")
+    assert str(image_cache.DecodeWork(cache, 20000, 0, 18.2)) == f"decoded 20,000 files into {cache} in 18 s"
+    assert str(decode_files(paths, [SPEC], None).work).startswith("decoded 5 files in memory in ")
+
+
 def test_changed_added_and_removed_files_are_noticed(tmp_path, counted):
     paths = _write(tmp_path / "images", 4)
     decode_files(paths, [SPEC], tmp_path / "cache")
@@ -241,6 +262,7 @@ def test_cached_rows_read_the_same_in_loader_workers(tmp_path):
     assert torch.equal(rows[[2, 0]], torch.stack([rows[2], rows[0]]))
 
 
+@pytest.mark.slow  # trains a model
 def test_training_reads_the_same_pixels_from_the_cache_as_from_memory(tiny_dataset, tmp_path):
     from training.run import main
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from conftest import TINY_SIZE
 from training import trainer
-from training.config import (IMPROVED, ORIGINAL, QUICK_PROFILE, RECIPES, ConfigError, TrainConfig,
-                             config_from_args, make_config, quick_profile, to_dict)
+from training.config import (DOCS, IMPROVED, ORIGINAL, QUICK_PROFILE, RECIPES, ConfigError, TrainConfig,
+                             config_from_args, docs_with_table, from_dict, make_config, to_dict)
 from training.distributed import World
 from training.engine import Precision, evaluate, train_one_epoch
 from training.recipe import BatchMix, build_ema, build_mix, build_optimization
@@ -52,7 +52,8 @@ def test_a_flag_or_file_overrides_the_recipe(tmp_path):
     path.write_text("data: x\nrecipe: improved\nema_decay: 0.99\nepochs: 40\n")
     from_file = _config(["--config", str(path), "--epochs", "50"])
     assert from_file.recipe == "improved"
-    assert _recipe_values(from_file) == {**IMPROVED, "ema_decay": 0.99, "epochs": 50}
+    assert _recipe_values(from_file) == {**IMPROVED, "ema_decay": 0.99, "epochs": 50,
+                                         "warmup_epochs": 3}  # 5 of 100, rounded up
     # A flag may choose another recipe than the file: the file's own settings still apply.
     back = _config(["--config", str(path), "--recipe", "original"])
     assert _recipe_values(back) == {**ORIGINAL, "ema_decay": 0.99, "epochs": 40}
@@ -60,13 +61,32 @@ def test_a_flag_or_file_overrides_the_recipe(tmp_path):
 
 def test_the_quick_profile_sits_between_the_recipe_and_the_user(tmp_path):
     quick = _config(["--recipe", "improved"])  # no --data: the built-in dataset's quick profile
-    profile = quick_profile("improved")
-    assert profile["warmup_epochs"] < profile["epochs"] == QUICK_PROFILE["epochs"]
-    assert _recipe_values(quick) == {**IMPROVED, **{k: v for k, v in profile.items() if k in IMPROVED}}
+    assert _recipe_values(quick) == {**IMPROVED, **{k: v for k, v in QUICK_PROFILE.items() if k in IMPROVED},
+                                     "warmup_epochs": 1}  # 5 of 100 epochs is 1 of 6
     assert quick.image_size == QUICK_PROFILE["image_size"]
     assert _recipe_values(_config([])) == {**ORIGINAL, **{k: v for k, v in QUICK_PROFILE.items()
                                                           if k in ORIGINAL}}
     assert _config(["--recipe", "improved", "--warmup-epochs", "2"]).warmup_epochs == 2
+
+
+@pytest.mark.parametrize("epochs, warmup", [(100, 5), (200, 10), (30, 2), (10, 1), (6, 1), (2, 1), (1, 0)])
+def test_an_unset_warm_up_follows_the_epochs(epochs, warmup):
+    config, _, _, notices = config_from_args(["--data", "x", "--recipe", "improved", "--epochs", str(epochs)])
+    assert config.warmup_epochs == warmup
+    assert notices == ([] if warmup == 5 else [
+        f"warm-up: {warmup} of {epochs} epochs, the improved recipe's 5 of 100 scaled to the epochs "
+        "(--warmup-epochs sets it)"])
+    assert _config(["--data", "x", "--epochs", str(epochs)]).warmup_epochs == 0  # the original has none
+
+
+def test_a_warm_up_the_user_set_is_kept_or_refused(tmp_path):
+    assert _config(["--data", "x", "--recipe", "improved", "--epochs", "10", "--warmup-epochs", "7"]
+                   ).warmup_epochs == 7
+    path = tmp_path / "c.yaml"
+    path.write_text("recipe: improved\nepochs: 10\nwarmup_epochs: 0\n")
+    assert _config(["--data", "x", "--config", str(path)]).warmup_epochs == 0  # a file sets it too
+    with pytest.raises(ConfigError, match=r"warmup_epochs must be at least 0 and below epochs \(10\), got 10"):
+        _config(["--data", "x", "--recipe", "improved", "--epochs", "10", "--warmup-epochs", "10"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -75,7 +95,8 @@ def test_the_quick_profile_sits_between_the_recipe_and_the_user(tmp_path):
     (["--mix-prob", "1.5"], "mix_prob must be in"),
     (["--mix-prob", "0.5", "--mixup-alpha", "0", "--cutmix-alpha", "0"], "needs mixup_alpha or cutmix_alpha"),
     (["--ema-decay", "1"], r"ema_decay must be in \[0, 1\)"),
-    (["--data", "x", "--recipe", "improved", "--epochs", "5"], "warmup_epochs must be .* below epochs"),
+    (["--data", "x", "--recipe", "improved", "--epochs", "5", "--warmup-epochs", "5"],
+     "warmup_epochs must be .* below epochs"),
     (["--label-smoothing", "1"], "label_smoothing"),
 ])
 def test_bad_recipe_settings_are_one_line_errors(argv, message):
@@ -95,6 +116,24 @@ def test_help_shows_the_improved_recipe_next_to_the_default(capsys):
         help_of = text.split(f"{flag} {name.upper()}")[-1].split(f"--{after}")[0]
         assert f"default: {ORIGINAL[name]}" in help_of, flag
         assert (f"--recipe improved: {value}" in help_of) == (value != ORIGINAL[name]), flag
+
+
+def test_the_settings_table_in_the_docs_is_the_one_the_fields_make():
+    text = DOCS.read_text(encoding="utf-8")
+    assert docs_with_table(text) == text, "run python -m training.config to rewrite docs/recipe.md"
+    for f in dataclasses.fields(TrainConfig):  # each help text reaches the table
+        assert f.metadata["help"].replace("$", "\\$") in text, f.name
+
+
+def test_flags_and_config_files_convert_a_setting_the_same_way(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"epochs": 3.0, "lr": "2e-4", "models": ["resnet34"], "no_cache": true}')
+    from_file = _config(["--config", str(path)])
+    flagged = _config(["--epochs", "3", "--lr", "2e-4", "--models", "resnet34", "--no-cache"])
+    assert from_file == flagged
+    path.write_text('{"models": [1, 2]}')
+    with pytest.raises(ConfigError, match="models .* must be comma-separated names"):
+        _config(["--config", str(path)])
 
 
 # --- learning-rate schedules ------------------------------------------------------------------------
@@ -264,10 +303,10 @@ def ema_runs(small_data, tmp_path_factory):
 def test_config_json_records_the_recipe_and_every_value_used(ema_runs):
     full, _, _ = ema_runs
     saved = json.loads((full / "config.json").read_text())
-    assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig)} | {"chosen"}
     assert saved["recipe"] == "improved"
     assert {k: saved[k] for k in IMPROVED} == {**IMPROVED, "epochs": EPOCHS, "warmup_epochs": 1}
-    assert to_dict(make_config(saved)) == saved  # what --resume continues with
+    assert to_dict(from_dict(saved), saved["chosen"]) == saved  # what --resume continues with
 
 
 def test_best_checkpoint_holds_the_average_not_the_trained_weights(ema_runs):
@@ -287,7 +326,7 @@ def test_validation_evaluates_the_average(ema_runs, small_data):
     from training.run import load_dataset
 
     full, _, stopped = ema_runs
-    config = make_config(json.loads((full / "config.json").read_text()))
+    config = from_dict(json.loads((full / "config.json").read_text()))
     split = load_dataset(config, World()).splits["val"]
     criterion = build_optimization(nn.Linear(1, 1), config).criterion
 

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -679,14 +680,37 @@ def test_cpu_precision_follows_native_bfloat16(monkeypatch, flags, mode, expecte
         memory_format=torch.channels_last if expected[1] else torch.contiguous_format)
 
 
-def test_a_bfloat16_run_trains_and_records_its_precision(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("device, flags, mode, chosen", [
+    ("cpu", {"avx2", "avx512_bf16"}, "auto", "bfloat16 autocast + channels_last: this CPU has avx512_bf16"),
+    ("cpu", {"amx_bf16", "avx512_bf16"}, "auto",
+     "bfloat16 autocast + channels_last: this CPU has amx_bf16 and avx512_bf16"),
+    ("cpu", {"avx2"}, "auto", "float32 + contiguous layout: this CPU has no native bfloat16 "
+                              "(avx512_bf16, amx_bf16), so float32 is faster"),
+    ("cpu", {"amx_bf16"}, "float32", "float32 + contiguous layout: --precision float32"),
+    ("cpu", {"avx2"}, "bfloat16", "bfloat16 autocast + channels_last: --precision bfloat16"),
+    ("mps", {"amx_bf16"}, "auto", "float32 + contiguous layout: autocast runs on cuda and cpu only, not mps"),
+])
+def test_the_precision_chosen_says_why(monkeypatch, device, flags, mode, chosen):
+    from training import engine
+
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset(flags))
+    assert engine.Precision(torch.device(device), mode).chosen() == chosen
+
+
+@pytest.mark.slow  # trains a model
+def test_a_bfloat16_run_trains_and_records_its_precision(tiny_dataset, tmp_path, capsys):
     from training.run import main
 
     out = tmp_path / "run"
     assert main(["--data", str(tiny_dataset), "--models", "resnet34", "--epochs", "1",
                  "--image-size", str(TINY_SIZE), "--batch-size", "8", "--workers", "0",
-                 "--precision", "bfloat16", "--out", str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["precision"] == "bfloat16"
+                 "--precision", "bfloat16", "--out", str(out), "--no-cache"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    chosen = "bfloat16 autocast + channels_last: --precision bfloat16"
+    assert saved["precision"] == "bfloat16" and saved["chosen"] == {"precision": chosen}
+    log = capsys.readouterr().out
+    assert f"\nPrecision: {chosen}\n" in log
+    assert re.search(r"\nImages: decoded \d+ files in memory in [\d.]+ s\n", log)
     report = json.loads((out / "resnet34" / "report.json").read_text())
     assert np.isfinite(report["val_loss"])
     state = checkpoint.load(out / "resnet34" / "best.pt")["model_state"]

@@ -120,6 +120,7 @@ def test_freeze_trains_only_new_layers_then_everything(name, torchvision_weights
     assert unused <= {n for n in params if re.search(r"\.downsample\.", n)}
 
 
+@pytest.mark.slow  # trains a model
 def test_cli_init_weights_and_frozen_epoch(tiny_dataset, torchvision_weights, tmp_path):
     path, source = torchvision_weights
     run_dir = tmp_path / "run"

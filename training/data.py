@@ -13,7 +13,6 @@ from them.
 from __future__ import annotations
 
 import csv
-import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -22,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cpu import usable_logical_cpus
 from common.errors import UserError
 from common.files import class_folders, files_under
 from imaging.preprocessing import Preprocessing
-from training.image_cache import ImageRows, decode_files
+from training.image_cache import DecodeWork, ImageRows, decode_files
 
 SPLITS = ("train", "val", "test")
 
@@ -127,13 +127,14 @@ def _check_classes(index: DatasetIndex, where: Path) -> None:
 
 
 def decode_all(samples: list[Sample], specs: list[Preprocessing], processes: int | None = None,
-               cache_dir: Path | None = None) -> tuple[list[ImageRows], list[Sample], list[dict]]:
+               cache_dir: Path | None = None) -> tuple[list[ImageRows], list[Sample], list[dict], DecodeWork]:
     """Decode and resize every file once, in parallel, at each spec's size (see image_cache).
 
-    Returns (per spec, the images of the samples that decoded; those samples; bad-file records).
+    Returns (per spec, the images of the samples that decoded; those samples; bad-file records;
+    how many files were decoded and how many the cache held).
     """
-    decoded = decode_files([s.path for s in samples], specs, cache_dir, processes or os.cpu_count() or 1)
-    return decoded.images, [samples[i] for i in decoded.good], decoded.bad
+    decoded = decode_files([s.path for s in samples], specs, cache_dir, processes or usable_logical_cpus())
+    return decoded.images, [samples[i] for i in decoded.good], decoded.bad, decoded.work
 
 
 def stratified_split(samples: list[Sample], fractions: dict[str, float], seed: int) -> dict[str, list[Sample]]:
@@ -196,6 +197,7 @@ class PreparedData:
     splits: dict[str, SplitImages]
     bad_files: list[dict]
     total_files: int
+    decoding: DecodeWork | None = None  # the work of decoding the files (None: not measured)
 
 
 def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction: float,
@@ -209,12 +211,13 @@ def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction
     cache (None: in memory). ``require_val=False``: a premade train/ (+ test/) without val/ is
     fine (cross-validation makes its own folds)."""
     bad = list(index.bad_files)
-    decoded = {}
+    decoded, work = {}, DecodeWork(Path(cache_dir) if cache_dir is not None else None)
     for name, samples in index.splits.items():
         trainable = train_storage is not None and name in ("train", "all")
         specs = [preprocessing, train_storage] if trainable else [preprocessing]
-        images, good, split_bad = decode_all(samples, specs, processes, cache_dir)
+        images, good, split_bad, split_work = decode_all(samples, specs, processes, cache_dir)
         bad += split_bad
+        work += split_work
         decoded[name] = (images, good)
     total = sum(len(s) for s in index.splits.values()) + len(index.bad_files)
     # Every class needs images to train on: with premade splits, in train/ itself.
@@ -240,7 +243,7 @@ def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction
     if require_val and not len(splits.get("val", ())):
         raise DataError("the validation split is empty; add images or a val/ folder")
     splits = {name: split for name, split in splits.items() if len(split)}
-    return PreparedData(index.class_names, splits, bad, total)
+    return PreparedData(index.class_names, splits, bad, total, work)
 
 
 def cross_validation_folds(data: PreparedData, folds: int, seed: int) -> list[PreparedData]:

@@ -43,10 +43,13 @@ class EarlyStopping:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
 
+NATIVE_BFLOAT16 = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags
+
+
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies in bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere
     PyTorch emulates bfloat16 on the CPU, slower than float32 (benchmarks/cpu_precision.py)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return bool(NATIVE_BFLOAT16 & cpu_flags())
 
 
 @dataclass
@@ -74,6 +77,26 @@ class Precision:
         if not self.enabled:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def chosen(self) -> str:
+        """What was chosen and why, in one line: "bfloat16 autocast + channels_last: this CPU
+        has avx512_bf16"."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        what = f"{dtype} autocast" + (" with loss scaling" if self.scaler.is_enabled() else "") \
+            if self.enabled else "float32"
+        what += " + channels_last" if self.channels_last else " + contiguous layout"
+        kind = self.device.type
+        if kind not in ("cuda", "cpu") and self.mode != "float32":
+            why = f"autocast runs on cuda and cpu only, not {kind}"
+        elif self.mode != "auto":
+            why = f"--precision {self.mode}"
+        elif kind == "cuda":
+            why = f"this GPU {'has' if self.dtype == torch.bfloat16 else 'lacks'} bfloat16"
+        else:
+            native = sorted(NATIVE_BFLOAT16 & cpu_flags())
+            why = f"this CPU has {' and '.join(native)}" if native else \
+                "this CPU has no native bfloat16 (avx512_bf16, amx_bf16), so float32 is faster"
+        return f"{what}: {why}"
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.") if self.enabled else "float32"

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from common.cpu import usable_logical_cpus
 from common.errors import run_cli
 from common.files import write_json
 from training import distributed, transfer
-from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config, to_dict
+from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, from_dict, to_dict
 from training.attention import write_heatmaps
 from training.comparison import write_comparison
+from training.engine import Precision
 from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
 from training.study import members
 from training.synthetic import ensure_builtin_dataset
@@ -58,7 +59,7 @@ def resolve_run(config: TrainConfig, resume: str | None, given: set[str]) -> tup
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
-    resumed = make_config(json.loads(saved.read_text()))
+    resumed = from_dict(json.loads(saved.read_text()))
     return dataclasses.replace(resumed, **{n: getattr(config, n) for n in given & RESUME_FLAGS}), run_dir
 
 
@@ -72,7 +73,7 @@ def load_dataset(config: TrainConfig, world: distributed.World):
     if config.folds and "val" in index.splits:
         raise ConfigError(f"--folds makes its own validation folds, but '{root}' has a val/ folder; "
                           "drop --folds or the val/ folder")
-    processes = max(1, (os.cpu_count() or 1) // distributed.local_size())  # every rank decodes
+    processes = max(1, usable_logical_cpus() // distributed.local_size())  # every rank decodes
     return prepare_data(index, preprocessing_for(config), config.val_fraction, config.test_fraction,
                         config.seed, processes, require_val=not config.folds,
                         train_storage=train_storage_for(config), cache_dir=cache_dir_for(config))
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str] | None = None) -> int:
     world = distributed.World()
     try:
-        config, resume, given = config_from_args(argv)
+        config, resume, given, notices = config_from_args(argv)
         config, run_dir = resolve_run(config, resume, given)
         world, device = distributed.init(config.device)
         run_dir = Path(distributed.broadcast(str(run_dir), world))
@@ -110,7 +111,8 @@ def train(argv: list[str] | None = None) -> int:
             transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "config.json", to_dict(config))
+            precision = Precision(device, config.precision).chosen()
+            write_json(run_dir / "config.json", to_dict(config, {"precision": precision}))
             write_json(run_dir / "bad_files.json", data.bad_files)
             listed = {"class_names": data.class_names}
             if folds:  # each fold's validation images; a fold trains on all the others
@@ -120,9 +122,13 @@ def train(argv: list[str] | None = None) -> int:
                 listed.update({name: _listed(split) for name, split in data.splits.items()})
             write_json(run_dir / "splits.json", listed)
             print(f"Run folder: {run_dir}\nData: {config.data}: {describe(data, run_dir)}\n"
+                  f"Images: {data.decoding}\n"
                   f"Device: {device}" + (f" x {world.size} processes" if world.distributed else "")
+                  + f"\nPrecision: {precision}"
                   + (f"\nRuns per model: {len(study)} ({', '.join(m.label for m in study)})"
                      if len(study) > 1 else ""), flush=True)
+            for notice in notices:
+                print(notice[0].upper() + notice[1:], flush=True)
         for member in study:  # a resumed study skips finished runs and continues the one it was in
             member_config = dataclasses.replace(config, seed=member.seed)
             member_data = folds[member.fold] if folds else data

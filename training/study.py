@@ -34,9 +34,9 @@ def members(config: TrainConfig) -> list[Member]:
 
 def run_members(run_dir: Path) -> list[Member]:
     """The members of a finished or started run, from its config.json."""
-    from training.config import make_config
+    from training.config import from_dict
 
-    return members(make_config(json.loads((Path(run_dir) / "config.json").read_text())))
+    return members(from_dict(json.loads((Path(run_dir) / "config.json").read_text())))
 
 
 def split_lists(run_dir: Path, member: Member) -> dict[str, list]:

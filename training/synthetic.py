@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from common.files import temporary_path
+
 CLASSES = ("checks", "dots", "rings", "stripes", "zigzag")
 VERSION = 1  # bump when the drawings change, so cached copies are regenerated
 DEFAULT_IMAGES_PER_CLASS = 160
@@ -137,7 +139,7 @@ def _save(img: Image.Image, path_stem: Path, rng: np.random.Generator) -> None:
 def generate(root: Path, images_per_class: int = DEFAULT_IMAGES_PER_CLASS, seed: int = 0) -> Path:
     """Write the dataset as an ImageFolder under ``root`` (atomically: all or nothing)."""
     root = Path(root)
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    tmp = temporary_path(root)
     shutil.rmtree(tmp, ignore_errors=True)
     for label, name in enumerate(CLASSES):
         (tmp / name).mkdir(parents=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common.cpu import usable_logical_cpus
 from common.errors import Failure
 from common.files import write_json
 from imaging.preprocessing import Preprocessing
@@ -36,8 +36,7 @@ def default_workers() -> int:
     """Loader processes: images are decoded already (each sample's crop is cut in the loader),
     so a few suffice; none on tiny machines.
     Processes on one machine (torchrun) share its cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores //= distributed.local_size()
+    cores = usable_logical_cpus() // distributed.local_size()
     return 0 if cores <= 2 else min(8, cores // 2)
 
 
