@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 import imaging
 from common.files import write_json, write_text
-from training import statistics
+from training import calibration_report, statistics
 from training.config import TrainConfig
 from training.reports import plt, read_predictions, save_figure
 from training.study import Member
@@ -235,9 +235,10 @@ def write_comparison(run_dir: Path, config: TrainConfig, study: list[Member], ru
     splits = ["val"] + (["test"] if first.get("test_accuracy") is not None else [])
     pooled = bool(config.folds)
     summary = summarize(data, splits, pooled)
+    calibration_md, calibration = calibration_report.write(Path(run_dir), list(config.models), study, splits)
     write_json(run_dir / "comparison.json", {"runs": [m.label for m in study], "pooled_folds": pooled,
-                                             **run_info, **summary})
-    write_text(run_dir / "comparison.md", render(summary, data, config, study, run_info, splits))
+                                             **run_info, **summary, "calibration": calibration})
+    write_text(run_dir / "comparison.md", render(summary, data, config, study, run_info, splits) + calibration_md)
     plot_curves(run_dir / "comparison.png", data)
     chosen = {name: [row for run in (runs if pooled else runs[:1]) for row in run["predictions"]
                      if row["split"] == "val"] for name, runs in data.items()}

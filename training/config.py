@@ -81,6 +81,7 @@ class TrainConfig:
     precision: str = "auto"  # auto, float32 or bfloat16 (see training.engine.Precision)
     cache_dir: str | None = None  # decoded-image cache; default: see training.image_cache
     no_cache: bool = False  # keep decoded images in memory only (small data)
+    ood_data: str | None = None  # images of none of the classes, for the out-of-distribution check
 
     def __post_init__(self):
         self.validate()
@@ -182,6 +183,9 @@ FLAG_HELP = {
     "cache_dir": "folder for the decoded-image cache (default: $RESNET_TRIO_CACHE, else "
                  "$XDG_CACHE_HOME/resnet-trio, else ~/.cache/resnet-trio)",
     "no_cache": "keep decoded images in memory only, as small data can afford",
+    "ood_data": "folder of images of none of the classes (searched recursively), never trained or "
+                "fitted on: the comparison reports how often each model is unsure of them (default: "
+                "for the built-in dataset its held-out set of noise, gradients and other patterns)",
     "folds": "K-fold cross-validation on the images outside the test split (0: off; "
              "not with a val/ folder)",
 }

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from common.errors import run_cli
 from common.files import write_json
-from training import distributed, transfer
+from training import calibrate, distributed, transfer
 from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, make_config, to_dict
 from training.attention import write_heatmaps
 from training.comparison import write_comparison
 from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
 from training.study import members
 from training.synthetic import ensure_builtin_dataset
+from training.engine import Precision
 from training.trainer import cache_dir_for, preprocessing_for, train_model, train_storage_for
 
 RUNS_DIR = Path("runs")
@@ -108,6 +109,8 @@ def train(argv: list[str] | None = None) -> int:
         fresh = [n for n in config.models if not (study[0].folder(run_dir, n) / "last.pt").exists()]
         if config.init_weights and fresh:  # refuse a wrong file before a run folder is made
             transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
+        trained_on = [p for split in data.splits.values() for p in split.paths]
+        ood = calibrate.load_ood(config, trained_on, preprocessing_for(config))
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "config.json", to_dict(config))
@@ -122,7 +125,9 @@ def train(argv: list[str] | None = None) -> int:
             print(f"Run folder: {run_dir}\nData: {config.data}: {describe(data, run_dir)}\n"
                   f"Device: {device}" + (f" x {world.size} processes" if world.distributed else "")
                   + (f"\nRuns per model: {len(study)} ({', '.join(m.label for m in study)})"
-                     if len(study) > 1 else ""), flush=True)
+                     if len(study) > 1 else "")
+                  + (f"\nOut-of-distribution check: {len(ood.paths)} images in {ood.folder}" if ood else ""),
+                  flush=True)
         for member in study:  # a resumed study skips finished runs and continues the one it was in
             member_config = dataclasses.replace(config, seed=member.seed)
             member_data = folds[member.fold] if folds else data
@@ -136,6 +141,9 @@ def train(argv: list[str] | None = None) -> int:
                 pooled = sum(len(fold.splits["val"]) for fold in folds)
                 sizes = f"{len(folds)} folds of {pooled} images" + (
                     f", test {len(data.splits['test'])}" if "test" in data.splits else "")
+            if ood:
+                calibrate.write_ood_logits(run_dir, list(config.models), study, ood, preprocessing_for(config),
+                                           Precision(device, config.precision), device)
             write_heatmaps(run_dir, list(config.models), study[0], data.class_names, config.seed)
             write_comparison(run_dir, config, study, {
                 "dataset": config.data, "classes": len(data.class_names), "split_sizes": sizes,
