@@ -44,6 +44,14 @@ def test_ece_by_hand():
     assert cal.ece([0.99] * 4, [0, 1, 0, 1]) == pytest.approx(0.49)
 
 
+def test_ece_a_calibrated_model_would_show():
+    # Four images at confidence 0.5, each right with probability 0.5: k right of 4 ~ B(4, 1/2),
+    # ECE = |k / 4 - 0.5|, whose mean is (2 x 0.5 + 8 x 0.25) / 16 = 3 / 16.
+    floor = cal.ece_if_calibrated([0.5] * 4, resamples=20000)
+    assert floor["mean"] == pytest.approx(3 / 16, abs=0.005) and floor["p95"] == 0.5
+    assert cal.ece_if_calibrated([1.0] * 10)["mean"] == 0.0  # always right: no spread at all
+
+
 def test_nll_and_brier_by_hand():
     p = np.array([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
     labels = [0, 2]
@@ -84,9 +92,10 @@ def test_threshold_edge_cases():
     assert (everything.threshold, everything.coverage) == (0.0, 1.0)
     nothing = cal.abstention_threshold([0.3, 0.6, 0.9], [1, 1, 0], 0.95)
     assert (nothing.threshold, nothing.reached, nothing.coverage) == (1.0, False, 0.0)
-    # A tie is kept or dropped whole: 0.8 holds one right and one wrong image.
+    # A tie is kept or dropped whole: 0.8 holds one right and one wrong image. The threshold
+    # lies halfway to the next image dropped (0.5).
     tie = cal.abstention_threshold([0.9, 0.8, 0.8, 0.5], [1, 1, 0, 0], 0.6)
-    assert (tie.threshold, tie.coverage) == (0.8, 0.75)
+    assert (tie.threshold, tie.coverage, tie.accuracy) == (0.65, 0.75, 2 / 3)
     with pytest.raises(ValueError):
         cal.abstention_threshold([0.5], [1], 1.5)
 
