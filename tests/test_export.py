@@ -178,7 +178,8 @@ def test_dynamic_batch_and_softmax_in_the_graph(exported_models, batch):
     logits, probabilities, heatmaps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
     assert logits.shape == probabilities.shape == (batch, 5)
     assert heatmaps.shape == (batch, 5, 1, 1) and heatmaps.min() >= 0
-    expected = np.exp(logits - logits.max(1, keepdims=True))
+    temperature = float(session.get_modelmeta().custom_metadata_map["temperature"])  # fitted after training
+    expected = np.exp((logits - logits.max(1, keepdims=True)) / temperature)
     np.testing.assert_allclose(probabilities, expected / expected.sum(1, keepdims=True), atol=1e-6)
 
 

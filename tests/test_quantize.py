@@ -262,3 +262,17 @@ def test_sensitivity_ranks_real_layers_and_a_float_layer_stays_float(trained_run
     floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     assert "model.layer4.2.conv2.weight" in conv_weights & floats  # read as float32, no DequantizeLinear
     assert not {"model.layer4.2.conv1.weight", "model.layer1.0.conv1.weight"} & conv_weights
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_int8_file_divides_by_the_fp32_temperature(int8_export, name):
+    """The INT8 file's probabilities are softmax(its logits / T), T and threshold the FP32 file's."""
+    fp32, int8 = _meta(int8_export / f"{name}.onnx"), _meta(int8_export / f"{name}.int8.onnx")
+    assert int8["temperature"] == fp32["temperature"] and float(fp32["temperature"]) != 1.0
+    assert int8["abstain_threshold"] == fp32["abstain_threshold"]
+    x = np.random.default_rng(0).standard_normal((4, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    logits, probabilities = create_session(int8_export / f"{name}.int8.onnx").run(
+        ["logits", "probabilities"], {INPUT_NAME: x})
+    scaled = logits.astype(np.float64) / float(int8["temperature"])
+    expected = np.exp(scaled - scaled.max(1, keepdims=True))
+    np.testing.assert_allclose(probabilities, expected / expected.sum(1, keepdims=True), atol=1e-5)
