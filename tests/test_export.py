@@ -55,10 +55,13 @@ def test_parity_thresholds_are_the_specified_ones():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_parity_with_pytorch(trained_run, exported_models, val_images, name):
-    model = checkpoint.rebuild_model(checkpoint.load(trained_run / name / "best.pt"))
+    ckpt = checkpoint.load(trained_run / name / "best.pt")
+    model = checkpoint.rebuild_model(ckpt)
     session = create_session(exported_models / f"{name}.onnx")
-    # Fewer random inputs than export's own check (recorded below), at other batch sizes.
-    report = parity.check_parity(model, session, val_images, seed=1, random_inputs=8, batch_sizes=(1, 3))
+    # Fewer random inputs than export's own check (recorded below), at other batch sizes; the
+    # probabilities are the checkpoint's softmax(logits / T).
+    report = parity.check_parity(model, session, val_images, seed=1, random_inputs=8, batch_sizes=(1, 3),
+                                 temperature=ckpt["calibration"]["temperature"])
     assert report.passed, report.summary()
     assert report.max_abs_logit_diff <= 1e-4 and report.max_abs_probability_diff <= 1e-5
     assert report.top1_mismatches == 0 and report.image_inputs == len(val_images)
