@@ -61,6 +61,32 @@ def _selection(manifest: dict) -> list[tuple[str, str, str]]:
             if e["precision"] == "fp32" and e["training_run"] != "single" and e["name"] in chosen]
 
 
+def calibration_lines(entries: list[dict]) -> list[str]:
+    """How far the probabilities can be taken at their word, and when a model says unsure."""
+    rows = [e for e in entries if "abstain_threshold" in e.get("calibration", {})]
+    if not rows:
+        return ["## Calibration", "", "These files were exported from checkpoints trained before "
+                "calibration: `probabilities` are the plain softmax of the logits, and there is no "
+                "abstention threshold.", ""]
+    lines = ["## Calibration and \"unsure\"", "",
+             "`probabilities` = softmax(logits / T), one temperature T per model fitted after training "
+             "on the validation split by minimising the negative log-likelihood; `logits` and the "
+             "heatmaps are the raw model's. ECE: expected calibration error, 15 equal-width bins of the "
+             "top probability, on the validation split (the fit's own data; the run's `comparison.md` "
+             "reports the test split, with intervals). A model is *unsure* when its top probability is "
+             "below `abstain_threshold`, chosen on validation as the lowest at which the predictions "
+             "kept reach the target accuracy (metadata keys `temperature`, `abstain_threshold`, "
+             "`abstain_target_accuracy`).", "",
+             "| file | T | val ECE before → after | unsure below | target accuracy | val images kept |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for e in rows:
+        c = e["calibration"]
+        lines.append(f"| `{e['file']}` | {c['temperature']:.3f} | {c['val_ece_before']:.3f} → "
+                     f"{c['val_ece_after']:.3f} | {c['abstain_threshold']:.3f} | "
+                     f"{c['abstain_target_accuracy']:.0%} | {c['abstain_val_coverage']:.0%} |")
+    return lines + [""]
+
+
 def render(manifest: dict, run_dir: Path) -> str:
     entries = manifest["models"]
     reports = {e["name"]: _report(run_dir, e["name"], e["training_run"]) for e in entries}
@@ -98,11 +124,12 @@ def render(manifest: dict, run_dir: Path) -> str:
         "compares the models over all of them, with intervals and paired tests.", "",
         *[f"- {name}: the `{run}` run, {why}." for name, run, why in _selection(manifest)],
         *([""] if _selection(manifest) else []),
+        *calibration_lines(entries),
         "## Classes", "",
         ", ".join(f"`{c}`" for c in first["class_names"]) + f" ({len(first['class_names'])}, in output order).", "",
         "## Input and preprocessing", "",
-        f"- input `image`: float32, N x 3 x {height} x {width} (N dynamic); outputs `logits` and "
-        "`probabilities` (softmax), N x classes;",
+        f"- input `image`: float32, N x 3 x {height} x {width} (N dynamic); outputs `logits` (raw) and "
+        "`probabilities` (softmax(logits / T), T the file's `temperature`), N x classes;",
         "- decode to RGB (EXIF orientation applied, transparency composited on white), resize to "
         f"exactly {height} x {width} with {spec['interpolation']} interpolation (crop mode "
         f"`{spec['crop_mode']}`: aspect ratio not kept, no crop), scale to [0, 1], subtract mean "
@@ -122,7 +149,9 @@ def render(manifest: dict, run_dir: Path) -> str:
         "", "## Intended use and limits", "",
         "- Intended for classifying images like those the models were trained on, into exactly "
         "the classes above, and for comparing the three architectures side by side. Any other "
-        "image still gets one of these classes: the models cannot say \"none of these\".",
+        "image still gets one of these classes: a model cannot say \"none of these\", only that it "
+        "is unsure (top probability below its `abstain_threshold`), which out-of-distribution "
+        "images do not always trigger (the run's `comparison.md` measures how often they do).",
         "- The metrics come from the exported run alone, on one split; small validation sets "
         "give wide uncertainty, so differences of a few points between models may be noise, and "
         "a run chosen as the best of several by validation loss looks better on validation than "

@@ -1,11 +1,14 @@
 """Checkpoint -> standalone ONNX file: softmax in the graph, everything an app needs in metadata.
 
 The file has one input ``image`` (float32, N x 3 x H x W, N dynamic) and three outputs,
-``logits`` and ``probabilities`` (N x classes) and ``heatmaps`` (N x classes x h x w: every
+``logits`` (raw) and ``probabilities`` (N x classes: softmax(logits / T), T the temperature
+fitted on validation after training, 1 for checkpoints without one) and ``heatmaps`` (N x classes x h x w: every
 class's Grad-CAM map on the last stage, computed in the graph; see training.layers.GradCam). Its ``metadata_props`` carry the class names, the
 preprocessing spec under timm's ``pretrained_cfg`` names (``input_size`` as [3, H, W],
 ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``, plus the rule in words,
 ``resize``) and the architecture spec (see METADATA_KEYS), so any app can use it with nothing else.
+Calibrated checkpoints add CALIBRATION_KEYS: the temperature's validation ECE before and after,
+and ``abstain_threshold``: a model is unsure when its top probability is below it.
 """
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
+from common import calibration
 from common.errors import Failure
 from common.files import temporary_path
 from imaging import preprocessing
@@ -30,8 +35,13 @@ INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities", "heatmaps")
 METADATA_KEYS = (
     "class_names", *preprocessing.METADATA_KEYS, "architecture", "architecture_spec",
     "display_name", "heatmap_layer", "heatmap_size", "training_run", "val_accuracy", "checkpoint_sha256", "torch_version", "onnx_version",
-    "exported_at", "precision",
+    "exported_at", "precision", "temperature",
 )
+# Written for checkpoints calibrated after training (training/calibrate.py): ECE with
+# common.calibration.BINS bins on the validation split; the threshold on the top probability
+# chosen there for the target accuracy of the predictions kept, and the share it keeps.
+CALIBRATION_KEYS = ("val_ece_before", "val_ece_after", "abstain_threshold", "abstain_target_accuracy",
+                    "abstain_val_coverage")
 
 
 class ExportError(Failure):
@@ -39,21 +49,43 @@ class ExportError(Failure):
 
 
 class Exported(nn.Module):
-    """What the file computes: logits, their softmax, and every class's Grad-CAM heatmap."""
+    """What the file computes: the raw logits, softmax(logits / temperature), and every class's
+    Grad-CAM heatmap (of the raw logits: the temperature changes no map's shape)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        # A division (ONNX Div), which INT8 quantization leaves float like the softmax.
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, image: torch.Tensor):
         logits, heatmaps = self.model.classify_and_explain(image)
-        return logits, torch.softmax(logits, dim=1), heatmaps
+        return logits, torch.softmax(logits / self.temperature, dim=1), heatmaps
 
 
-def exportable(model: nn.Module) -> nn.Module:
-    """The eval-mode graph to export: the model's export form (fast Mish), softmax and
-    heatmaps added."""
-    return Exported(model.export_form()).eval()
+def exportable(model: nn.Module, temperature: float = 1.0) -> nn.Module:
+    """The eval-mode graph to export: the model's export form (fast Mish), the temperature's
+    softmax and heatmaps added."""
+    return Exported(model.export_form(), temperature).eval()
+
+
+def temperature_of(ckpt: dict) -> float:
+    """The checkpoint's fitted temperature (1, plain softmax, for one made before calibration),
+    as the float32 the graph holds, so that the metadata records the very number it divides by."""
+    return float(np.float32((ckpt.get("calibration") or {}).get("temperature", 1.0)))
+
+
+def calibration_metadata(ckpt: dict, abstain_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> dict[str, str]:
+    """CALIBRATION_KEYS for a calibrated checkpoint (none for an older one). The threshold is
+    chosen for ``abstain_accuracy`` from the validation images' calibrated top probabilities
+    and correctness that the checkpoint keeps."""
+    record = ckpt.get("calibration")
+    if not record:
+        return {}
+    chosen = calibration.abstention_threshold(record["val_confidence"], record["val_correct"], abstain_accuracy)
+    return {"val_ece_before": f"{record['val_ece_before']:.6f}", "val_ece_after": f"{record['val_ece_after']:.6f}",
+            "abstain_threshold": repr(chosen.threshold), "abstain_target_accuracy": repr(abstain_accuracy),
+            "abstain_val_coverage": f"{chosen.coverage:.6f}"}
 
 
 def heatmap_size(model: nn.Module, input_size: tuple[int, int]) -> list[int]:
@@ -63,8 +95,10 @@ def heatmap_size(model: nn.Module, input_size: tuple[int, int]) -> list[int]:
 
 
 def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32",
-                 training_run: str = "single") -> dict[str, str]:
-    """``training_run``: which run of the study the checkpoint is (seed-68, fold-2, single)."""
+                 training_run: str = "single",
+                 abstain_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> dict[str, str]:
+    """``training_run``: which run of the study the checkpoint is (seed-68, fold-2, single);
+    ``abstain_accuracy``: the target the abstention threshold is chosen for."""
     arch = architecture_of(ckpt)
     spec = preprocessing_of(ckpt)
     return {
@@ -82,6 +116,8 @@ def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32",
         "onnx_version": onnx.__version__,
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "precision": precision,
+        "temperature": repr(temperature_of(ckpt)),
+        **calibration_metadata(ckpt, abstain_accuracy),
     }
 
 
@@ -93,13 +129,14 @@ def set_metadata(model_proto: onnx.ModelProto, metadata: dict[str, str]) -> None
 
 
 def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int = DEFAULT_OPSET,
-                 training_run: str = "single") -> Path:
+                 training_run: str = "single",
+                 abstain_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> Path:
     """Export to ``out_path`` via a temporary file; returns the temporary file's path.
 
     The caller renames it into place once parity is proven (or deletes it), so a failed export
     never leaves a half-written or unproven .onnx file under its final name.
     """
-    model = exportable(rebuild_model(ckpt))
+    model = exportable(rebuild_model(ckpt), temperature_of(ckpt))
     height, width = preprocessing_of(ckpt).input_size
     example = torch.randn(2, 3, height, width)
     tmp = temporary_path(out_path)
@@ -112,7 +149,8 @@ def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int 
                 opset_version=opset, dynamo=True, external_data=False, verbose=False,
             )
         proto = onnx.load(str(tmp))
-        set_metadata(proto, metadata_for(ckpt, checkpoint_sha256, training_run=training_run))
+        set_metadata(proto, metadata_for(ckpt, checkpoint_sha256, training_run=training_run,
+                                         abstain_accuracy=abstain_accuracy))
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
         ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])  # loads, or raises

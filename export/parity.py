@@ -2,7 +2,9 @@
 
 PyTorch (eval mode) and ONNX Runtime (CPU) run on the same inputs: random tensors and real
 images through the real preprocessing, at batch size 1 and at an odd batch size above 1.
-The logits and probabilities are compared with the checkpoint's forward pass; the heatmaps
+The logits and probabilities (softmax(logits / T), T the checkpoint's temperature) are compared
+with the checkpoint's forward pass, and the file's probabilities with softmax of its own logits
+over the temperature its metadata records; the heatmaps
 with Grad-CAM computed the usual way, by autograd (a hook on the last stage, the backward pass
 of each logit), so the closed form in the graph is checked against its definition.
 """
@@ -40,6 +42,9 @@ class ParityReport:
     top1_mismatches: int
     thresholds: dict
     passed: bool
+    temperature: float = 1.0  # the probabilities checked are softmax(logits / temperature)
+    # |probabilities - softmax(logits / temperature)| within the file's own outputs
+    max_abs_calibrated_probability_diff: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +54,8 @@ class ParityReport:
         return (f"{verdict}: {self.random_inputs} random + {self.image_inputs} image inputs at batch "
                 f"sizes {'/'.join(map(str, self.batch_sizes))}; max |logit diff| "
                 f"{self.max_abs_logit_diff:.2e} (<= {MAX_LOGIT_DIFF:g}), max |prob diff| "
-                f"{self.max_abs_probability_diff:.2e} (<= {MAX_PROB_DIFF:g}), max heatmap diff "
+                f"{self.max_abs_probability_diff:.2e} (<= {MAX_PROB_DIFF:g}; softmax of logits / "
+                f"{self.temperature:.4g}: {self.max_abs_calibrated_probability_diff:.2e}), max heatmap diff "
                 f"{self.max_relative_heatmap_diff:.2e} of the map's maximum (<= {MAX_HEATMAP_DIFF:g}), "
                 f"top-1 mismatches {self.top1_mismatches}")
 
@@ -91,8 +97,9 @@ def _batched(fn, inputs: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def check_parity(model: torch.nn.Module, session: ort.InferenceSession, images: np.ndarray,
                  seed: int = 0, random_inputs: int = RANDOM_INPUTS,
-                 batch_sizes=BATCH_SIZES) -> ParityReport:
-    """``images``: real preprocessed inputs (N x 3 x H x W float32), possibly empty."""
+                 batch_sizes=BATCH_SIZES, temperature: float = 1.0) -> ParityReport:
+    """``images``: real preprocessed inputs (N x 3 x H x W float32), possibly empty;
+    ``temperature``: the checkpoint's, which the file's probabilities must apply."""
     model = model.eval()
     shape = tuple(session.get_inputs()[0].shape[1:])  # (3, H, W): only the batch is dynamic
     rng = np.random.default_rng(seed)
@@ -101,12 +108,12 @@ def check_parity(model: torch.nn.Module, session: ort.InferenceSession, images: 
 
     def run_torch(x):
         logits, heatmaps = autograd_gradcam(model, torch.from_numpy(x))
-        return logits.numpy(), torch.softmax(logits, 1).numpy(), heatmaps.numpy()
+        return logits.numpy(), torch.softmax(logits / temperature, 1).numpy(), heatmaps.numpy()
 
     def run_onnx(x):
         return session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
 
-    logit_diff = prob_diff = heatmap_diff = 0.0
+    logit_diff = prob_diff = heatmap_diff = calibrated_diff = 0.0
     mismatches = 0
     for batch_size in batch_sizes:
         reference = _batched(run_torch, inputs, batch_size)
@@ -115,11 +122,13 @@ def check_parity(model: torch.nn.Module, session: ort.InferenceSession, images: 
         prob_diff = max(prob_diff, float(np.abs(probs - reference[1]).max()))
         heatmap_diff = max(heatmap_diff, relative_heatmap_diff(heatmaps, reference[2]))
         mismatches += int((logits.argmax(1) != reference[0].argmax(1)).sum())
+        own = torch.softmax(torch.from_numpy(logits).double() / temperature, 1).numpy()
+        calibrated_diff = max(calibrated_diff, float(np.abs(probs - own).max()))
     passed = logit_diff <= MAX_LOGIT_DIFF and prob_diff <= MAX_PROB_DIFF \
-        and heatmap_diff <= MAX_HEATMAP_DIFF and mismatches == 0
+        and calibrated_diff <= MAX_PROB_DIFF and heatmap_diff <= MAX_HEATMAP_DIFF and mismatches == 0
     return ParityReport(
         random_inputs, len(images), list(batch_sizes), logit_diff, prob_diff, heatmap_diff, mismatches,
         {"max_abs_logit_diff": MAX_LOGIT_DIFF, "max_abs_probability_diff": MAX_PROB_DIFF,
          "max_relative_heatmap_diff": MAX_HEATMAP_DIFF, "top1_mismatches": 0},
-        passed,
+        passed, float(temperature), calibrated_diff,
     )

@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.calibration import DEFAULT_TARGET_ACCURACY
 from common.errors import UserError, run_cli
 from common.files import sha256_of, temporary_path, write_json
 from export import model_card
-from export.onnx_export import DEFAULT_OPSET, ExportError, export_model, metadata_for
+from export.onnx_export import (CALIBRATION_KEYS, DEFAULT_OPSET, ExportError, export_model, metadata_for,
+                                temperature_of)
 from export.parity import check_parity
 from export.fidelity import TARGETS as INT8_TARGETS
 from export.fidelity import compare_files
@@ -61,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "fewest float that meet the targets, for models that miss them fully INT8 "
                         "(auto, the default), rank every model's layers too (always), or keep "
                         "every layer INT8 (off)")
+    parser.add_argument("--abstain-accuracy", type=target_accuracy, default=DEFAULT_TARGET_ACCURACY,
+                        metavar="A", help="a model is unsure below the top probability at which the "
+                        "validation predictions it keeps are this accurate; recorded in each file's "
+                        f"metadata as abstain_threshold (default: {DEFAULT_TARGET_ACCURACY})")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--seed", type=int, help="with --seeds runs: export this seed's run "
                        "(default: each model's run with the lowest validation loss)")
@@ -68,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "(default: fold 1; folds validate on different images, so their losses "
                        "do not rank them)")
     return parser.parse_args(argv)
+
+
+def target_accuracy(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
 
 
 def study_of(run_dir: Path) -> list[Member]:
@@ -165,11 +178,12 @@ def copy_examples(run_dir: Path, out_dir: Path, member: Member | None = None) ->
 
 
 def quantize_one(entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path,
-                 member: Member, search: str = "auto") -> dict:
+                 member: Member, search: str = "auto",
+                 abstain_accuracy: float = DEFAULT_TARGET_ACCURACY) -> dict:
     """<model>.int8.onnx from the exported FP32 file, with the fewest layers kept float that meet
     the targets on the validation images (export/fidelity.py, export/sensitivity.py), its
     report, its sensitivity report and its manifest entry."""
-    job = Int8Job.of(entry, ckpt, ckpt_sha256, run_dir, out_dir, member)
+    job = Int8Job.of(entry, ckpt, ckpt_sha256, run_dir, out_dir, member, abstain_accuracy)
     result, ranked, validation = write_int8(job, search)
     report = write_int8_reports(job, result, ranked, validation)
     if result is not None:
@@ -196,7 +210,7 @@ class Int8Job:
 
     @classmethod
     def of(cls, entry: dict, ckpt: dict, ckpt_sha256: str, run_dir: Path, out_dir: Path,
-           member: Member) -> "Int8Job":
+           member: Member, abstain_accuracy: float = DEFAULT_TARGET_ACCURACY) -> "Int8Job":
         name, spec = entry["name"], checkpoint.preprocessing_of(ckpt)
         calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES, member)
         if not len(calibration):
@@ -204,7 +218,9 @@ class Int8Job:
                               "to calibrate INT8 on")
         images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES, member)
         return cls(name, out_dir / entry["file"], out_dir / f"{name}.int8.onnx",
-                   metadata_for(ckpt, ckpt_sha256, "int8", entry["training_run"]), calibration, images, labels)
+                   # the FP32 file's temperature and threshold
+                   metadata_for(ckpt, ckpt_sha256, "int8", entry["training_run"], abstain_accuracy),
+                   calibration, images, labels)
 
 
 def write_int8(job: Int8Job, search: str):
@@ -270,7 +286,8 @@ def float_layer_report(result, ranked: dict | None, sensitivity_file: str) -> di
 
 
 def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: str | None = None,
-               member: Member | None = None, search: str = "auto") -> list[dict]:
+               member: Member | None = None, search: str = "auto",
+               abstain_accuracy: float = DEFAULT_TARGET_ACCURACY) -> list[dict]:
     """Manifest entries: the FP32 file's, then (with ``quantize``) the INT8 file's."""
     member = member or Member(None, 0)
     ckpt_path = member.folder(run_dir, name) / "best.pt"
@@ -279,10 +296,10 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
     model = checkpoint.rebuild_model(ckpt, expected_architecture=name)
     out_path = out_dir / f"{name}.onnx"
     training_run = member.label or "single"
-    tmp = export_model(ckpt, ckpt_sha256, out_path, opset, training_run)
+    tmp = export_model(ckpt, ckpt_sha256, out_path, opset, training_run, abstain_accuracy)
     try:
         images, _ = validation_images(run_dir, checkpoint.preprocessing_of(ckpt), member=member)
-        report = check_parity(model, create_session(tmp), images)
+        report = check_parity(model, create_session(tmp), images, temperature=temperature_of(ckpt))
         print(f"{name}: parity {report.summary()}", flush=True)
         write_json(out_dir / f"{name}.parity.json", {"model": name, **report.as_dict()})
         if not report.passed:
@@ -300,14 +317,25 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
         "architecture_spec": json.loads(meta["architecture_spec"]),
         "class_names": json.loads(meta["class_names"]),
         "preprocessing": Preprocessing.from_metadata(meta).to_dict(),
-        "outputs": {"logits": "N x classes", "probabilities": "N x classes",
+        "outputs": {"logits": "N x classes", "probabilities": "N x classes, softmax(logits / temperature)",
                     "heatmaps": f"N x classes x {' x '.join(map(str, json.loads(meta['heatmap_size'])))}"},
         "heatmap_layer": meta["heatmap_layer"], "heatmap_size": json.loads(meta["heatmap_size"]),
         "val_accuracy": float(meta["val_accuracy"]),
         "size_bytes": out_path.stat().st_size, "sha256": sha256_of(out_path),
         "parity": report.as_dict(),
+        "calibration": {"temperature": float(meta["temperature"]),
+                        **{k: float(meta[k]) for k in CALIBRATION_KEYS if k in meta}},
     }
-    return [entry] + ([quantize_one(entry, ckpt, ckpt_sha256, run_dir, out_dir, member, search)] if quantize else [])
+    if "abstain_threshold" in meta:
+        print(f"{name}: temperature {float(meta['temperature']):.3f}, validation ECE "
+              f"{float(meta['val_ece_before']):.3f} -> {float(meta['val_ece_after']):.3f}; unsure below "
+              f"{float(meta['abstain_threshold']):.3f} (keeps {float(meta['abstain_val_coverage']):.0%} of "
+              f"validation for {float(meta['abstain_target_accuracy']):.0%} accuracy)", flush=True)
+    else:
+        print(f"{name}: no temperature in the checkpoint (trained before calibration): plain softmax, "
+              "no abstention threshold", flush=True)
+    return [entry] + ([quantize_one(entry, ckpt, ckpt_sha256, run_dir, out_dir, member, search,
+                                    abstain_accuracy)] if quantize else [])
 
 
 def main(argv=None) -> int:
@@ -333,7 +361,7 @@ def export(args: argparse.Namespace) -> int:
         if chosen[name].label:
             print(f"{name}: the {chosen[name].label} run, {selection[name]}", flush=True)
     exported = [export_one(name, run_dir, out_dir, args.opset, args.quantize, chosen[name],
-                          args.int8_search) for name in names]
+                          args.int8_search, args.abstain_accuracy) for name in names]
     # FP32 entries first: a reader that ignores "precision" still finds one file per model.
     entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
               [e for per_model in exported for e in per_model if e["precision"] != "fp32"]

@@ -6,7 +6,9 @@
 
 Every image under the given files and folders (folders: the image extensions, recursively)
 goes through every model of the chosen precision in DIR/manifest.json, in batches. Each
-output row has the path, and per model its top class and the probability of every class;
+output row has the path, and per model its top class, whether it is unsure (its top
+probability below the threshold in the file's metadata: true or false, empty for files
+exported without one) and the probability of every class;
 files that cannot be used get a row with the reason, and are listed on stderr at the end.
 Exit code 0 when anything was classified, 2 for a user mistake (no such path, no images, no
 models, nothing usable).
@@ -81,7 +83,7 @@ class Writer:
             self.csv = csv.writer(stream)
             header = ["path"]
             for p in predictors:
-                header += [f"{p.name}.top_class"] + [f"{p.name}.{c}" for c in p.class_names]
+                header += [f"{p.name}.top_class", f"{p.name}.unsure"] + [f"{p.name}.{c}" for c in p.class_names]
             self.csv.writerow(header + ["error"])
 
     def result(self, path: str, probabilities: dict, row: int) -> None:
@@ -89,19 +91,21 @@ class Writer:
             cells = [path]
             for p in self.predictors:
                 probs = probabilities[model_key(p)][row]
-                cells += [p.class_names[int(probs.argmax())]] + [f"{float(v):.6g}" for v in probs]
+                unsure = p.is_unsure(probs)
+                cells += [p.class_names[int(probs.argmax())], "" if unsure is None else str(unsure).lower()]
+                cells += [f"{float(v):.6g}" for v in probs]
             self.csv.writerow(cells + [""])
         else:
             models = {}
             for p in self.predictors:
                 probs = probabilities[model_key(p)][row]
-                models[p.name] = {"top_class": p.class_names[int(probs.argmax())],
+                models[p.name] = {"top_class": p.class_names[int(probs.argmax())], "unsure": p.is_unsure(probs),
                                   "probabilities": {c: float(v) for c, v in zip(p.class_names, probs)}}
             self.stream.write(json.dumps({"path": path, "models": models}) + "\n")
 
     def failure(self, path: str, reason: str) -> None:
         if self.kind == "csv":
-            width = sum(1 + len(p.class_names) for p in self.predictors)
+            width = sum(2 + len(p.class_names) for p in self.predictors)
             self.csv.writerow([path] + [""] * width + [reason])
         else:
             self.stream.write(json.dumps({"path": path, "error": reason}) + "\n")

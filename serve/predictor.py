@@ -58,6 +58,8 @@ class Prediction:
     top_class: str
     milliseconds: float
     heatmaps: np.ndarray | None = None  # classes x h x w Grad-CAM maps (files exported with them)
+    # Top probability below the file's abstain_threshold; None: the file has no threshold
+    unsure: bool | None = None
 
     def heatmap(self, class_name: str | None = None) -> np.ndarray | None:
         """One class's map (default: the top class's), scaled to [0, 1] by its maximum."""
@@ -85,6 +87,10 @@ class Predictor:
         try:
             self.class_names: list[str] = json.loads(meta["class_names"])
             self.preprocessing = Preprocessing.from_metadata(meta)
+            # Calibrated files: probabilities are softmax(logits / temperature), and below
+            # abstain_threshold the model is unsure; files exported before have no threshold.
+            self.temperature = float(meta.get("temperature", 1.0))
+            self.abstain_threshold = float(meta["abstain_threshold"]) if "abstain_threshold" in meta else None
         except (ValueError, TypeError) as exc:
             raise ModelFileError(f"'{self.path}' has malformed metadata: {exc}") from None
         self.input_size = self.preprocessing.input_size  # (H, W)
@@ -111,6 +117,12 @@ class Predictor:
         """The named outputs for a preprocessed N x 3 x H x W float32 batch."""
         return self.session.run(output_names, {self.input_name: batch}, run_options)
 
+    def is_unsure(self, probabilities: np.ndarray) -> bool | None:
+        """Whether one image's probabilities fall below the file's threshold (None: no threshold)."""
+        if self.abstain_threshold is None:
+            return None
+        return bool(float(np.max(probabilities)) < self.abstain_threshold)
+
     def predict(self, image: Image.Image, run_options: ort.RunOptions | None = None) -> Prediction:
         """Probabilities of every class and, where the file has them, every class's heatmap
         (``run_options.terminate = True`` from another thread stops a run in progress)."""
@@ -124,6 +136,7 @@ class Predictor:
             self.class_names[int(np.argmax(probs))],
             elapsed,
             outputs[1][0] if self.has_heatmaps else None,
+            self.is_unsure(probs),
         )
 
     def predict_file(self, source: imaging.Source, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> Prediction:

@@ -49,13 +49,22 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_dataset, tmp_path_factory) -> Path:
+def ood_images(tmp_path_factory) -> Path:
+    """The built-in out-of-distribution set's generator at 10 images."""
+    from training.synthetic import generate_ood
+
+    return generate_ood(tmp_path_factory.mktemp("data") / "ood", images=10)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset, ood_images, tmp_path_factory) -> Path:
     """All three models trained for one short epoch: real checkpoints, real BN statistics."""
     from training.run import main
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-run"
     code = main(["--data", str(tiny_dataset), "--epochs", "1", "--image-size", str(TINY_SIZE),
-                 "--batch-size", "8", "--workers", "0", "--out", str(run_dir)])
+                 "--batch-size", "8", "--workers", "0", "--out", str(run_dir),
+                 "--ood-data", str(ood_images)])
     assert code == 0
     return run_dir
 

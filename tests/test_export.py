@@ -55,10 +55,13 @@ def test_parity_thresholds_are_the_specified_ones():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_parity_with_pytorch(trained_run, exported_models, val_images, name):
-    model = checkpoint.rebuild_model(checkpoint.load(trained_run / name / "best.pt"))
+    ckpt = checkpoint.load(trained_run / name / "best.pt")
+    model = checkpoint.rebuild_model(ckpt)
     session = create_session(exported_models / f"{name}.onnx")
-    # Fewer random inputs than export's own check (recorded below), at other batch sizes.
-    report = parity.check_parity(model, session, val_images, seed=1, random_inputs=8, batch_sizes=(1, 3))
+    # Fewer random inputs than export's own check (recorded below), at other batch sizes; the
+    # probabilities are the checkpoint's softmax(logits / T).
+    report = parity.check_parity(model, session, val_images, seed=1, random_inputs=8, batch_sizes=(1, 3),
+                                 temperature=ckpt["calibration"]["temperature"])
     assert report.passed, report.summary()
     assert report.max_abs_logit_diff <= 1e-4 and report.max_abs_probability_diff <= 1e-5
     assert report.top1_mismatches == 0 and report.image_inputs == len(val_images)
@@ -179,7 +182,8 @@ def test_dynamic_batch_and_softmax_in_the_graph(exported_models, batch):
     logits, probabilities, heatmaps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
     assert logits.shape == probabilities.shape == (batch, 5)
     assert heatmaps.shape == (batch, 5, 1, 1) and heatmaps.min() >= 0
-    expected = np.exp(logits - logits.max(1, keepdims=True))
+    temperature = float(session.get_modelmeta().custom_metadata_map["temperature"])  # fitted after training
+    expected = np.exp((logits - logits.max(1, keepdims=True)) / temperature)
     np.testing.assert_allclose(probabilities, expected / expected.sum(1, keepdims=True), atol=1e-6)
 
 

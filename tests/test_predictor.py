@@ -140,7 +140,8 @@ def test_same_top1_as_pytorch_on_every_validation_image(trained_run, exported_mo
     assert predictor.preprocessing == spec
     paths = [path for path, _ in splits["val"]]
     with torch.no_grad():
-        references = torch.softmax(model(torch.stack([EvalTransform(spec)(decode(p, spec)) for p in paths])), 1)
+        logits = model(torch.stack([EvalTransform(spec)(decode(p, spec)) for p in paths]))
+        references = torch.softmax(logits / ckpt["calibration"]["temperature"], 1)  # as exported
     for path, reference in zip(paths, references.numpy()):
         prediction = predictor.predict_file(path)
         assert prediction.top_class == ckpt["class_names"][int(reference.argmax())], path

@@ -331,3 +331,17 @@ def test_the_layers_a_search_may_report_are_found_in_the_exported_graph(exported
             assert Counter(ops[n] for n in quantizer.always_float) == Counter(float_ops)
     finally:
         bare.unlink()
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_int8_file_divides_by_the_fp32_temperature(int8_export, name):
+    """The INT8 file's probabilities are softmax(its logits / T), T and threshold the FP32 file's."""
+    fp32, int8 = _meta(int8_export / f"{name}.onnx"), _meta(int8_export / f"{name}.int8.onnx")
+    assert int8["temperature"] == fp32["temperature"] and float(fp32["temperature"]) != 1.0
+    assert int8["abstain_threshold"] == fp32["abstain_threshold"]
+    x = np.random.default_rng(0).standard_normal((4, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    logits, probabilities = create_session(int8_export / f"{name}.int8.onnx").run(
+        ["logits", "probabilities"], {INPUT_NAME: x})
+    scaled = logits.astype(np.float64) / float(int8["temperature"])
+    expected = np.exp(scaled - scaled.max(1, keepdims=True))
+    np.testing.assert_allclose(probabilities, expected / expected.sum(1, keepdims=True), atol=1e-5)

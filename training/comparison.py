@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 import imaging
 from common import statistics
 from common.files import write_json, write_text
+from training import calibration_report
 from training.config import TrainConfig
 from training.reports import plt, read_predictions, save_figure
 from training.study import Member
@@ -60,6 +61,7 @@ class Context:
     folds: int  # K of --folds, else 0
     pool: int | None  # with folds: the images the folds were cut from
     run_info: dict
+    out_dir: Path  # where comparison.md and its pictures go
     summary: dict = field(default_factory=dict)
 
 
@@ -75,7 +77,16 @@ class Section:
 # Further sections (e.g. calibration) are functions of the Context that return a Section or
 # None; they are placed after the per-split sections and their data lands in comparison.json
 # under "sections".
-EXTRA_SECTIONS: list[Callable[[Context], Section | None]] = []
+def calibration_section(ctx: Context) -> Section | None:
+    """Calibration, "unsure" and the out-of-distribution check (training/calibration_report.py),
+    of the first run; None for runs trained before calibration."""
+    first = ctx.sources[0]
+    markdown, record = calibration_report.write(first.run_dir, list(ctx.data), [first.member], ctx.splits,
+                                                ctx.out_dir)
+    return Section("calibration", markdown.splitlines(), record) if record else None
+
+
+EXTRA_SECTIONS: list[Callable[[Context], Section | None]] = [calibration_section]
 
 
 def load(sources: list[Source], models: list[str]) -> dict:
@@ -411,7 +422,7 @@ def write(out_dir: Path, sources: list[Source], models: list[str], folds: int, r
     first = data[models[0]][0]["report"]
     splits = ["val"] + (["test"] if first.get("test_accuracy") is not None else [])
     pool = sum(len(_correct(r, "val")) for r in data[models[0]]) if folds else None
-    ctx = Context(data, splits, sources, folds, pool, run_info)
+    ctx = Context(data, splits, sources, folds, pool, run_info, out_dir)
     ctx.summary = summarize(data, splits, folds, pool)
     parts = sections(ctx)
     extra = {p.key: p.data for p in parts if p.data is not None}

@@ -109,6 +109,10 @@ class TrainConfig:
                                     "$RESNET_TRIO_CACHE, else $XDG_CACHE_HOME/resnet-trio, else "
                                     "~/.cache/resnet-trio)")
     no_cache: bool = setting(False, "keep decoded images in memory only, as small data can afford")
+    ood_data: str | None = setting(None, "folder of images of none of the classes (searched "
+                                   "recursively), never trained or fitted on: the comparison reports "
+                                   "how often each model is unsure of them (default: for the built-in "
+                                   "dataset its held-out set of noise, gradients and other patterns)")
 
     def __post_init__(self):
         self.validate()

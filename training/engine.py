@@ -150,6 +150,7 @@ class Evaluation:
     predictions: torch.Tensor  # top-1 class per sample, in the split's order
     labels: torch.Tensor
     probabilities: torch.Tensor  # N x classes, softmax, in the split's order
+    logits: torch.Tensor | None = None  # N x classes, in the split's order (what calibration fits)
 
 
 @torch.no_grad()
@@ -158,7 +159,7 @@ def evaluate(model: nn.Module, split: SplitImages, criterion, transform, precisi
     """Evaluate a whole split; with several processes each takes a shard, results are joined."""
     model.eval()
     rows = torch.arange(world.rank, len(split), world.size)
-    loss_sum, probabilities = 0.0, []
+    loss_sum, logits_kept = 0.0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         images = precision.layout(transform(split.images[chunk]).to(device, non_blocking=True))
@@ -166,17 +167,19 @@ def evaluate(model: nn.Module, split: SplitImages, criterion, transform, precisi
         with precision.autocast():
             logits = model(images)
         loss_sum += criterion(logits.float(), labels).item() * len(chunk)
-        probabilities.append(torch.softmax(logits.float(), 1).cpu())
-    if not probabilities:  # a rank with no rows of a tiny split
+        logits_kept.append(logits.float().cpu())
+    if not logits_kept:  # a rank with no rows of a tiny split
         classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-        probabilities = [torch.empty(0, classes)]
-    probabilities = torch.cat(probabilities)
+        logits_kept = [torch.empty(0, classes)]
+    all_logits = torch.cat(logits_kept)
     (loss_sum,) = distributed.all_sum([loss_sum], world, device)
     # Shards interleave (rank r holds rows r, r + size, ...): put them back in split order.
     gathered_rows = distributed.all_gather(rows, world)
-    gathered = distributed.all_gather(probabilities, world)
+    gathered = distributed.all_gather(all_logits, world)
     ordered = torch.empty_like(gathered)
     ordered[gathered_rows] = gathered
-    predictions = ordered.argmax(1)
+    probabilities = torch.softmax(ordered, 1)
+    predictions = probabilities.argmax(1)
     accuracy = (predictions == split.labels).float().mean().item()
-    return Evaluation(loss_sum / len(split), accuracy, predictions, split.labels.clone(), ordered)
+    return Evaluation(loss_sum / len(split), accuracy, predictions, split.labels.clone(), probabilities,
+                      ordered)

@@ -86,6 +86,34 @@ def write_predictions(path: Path, evaluated: dict, class_names: list[str]) -> No
     write_text(path, text.getvalue())
 
 
+LOGIT_COLUMNS = ("split", "path", "label")
+
+
+def write_logits(path: Path, rows: list[tuple[str, str, str, list[float]]], class_names: list[str]) -> None:
+    """One row per image: split, path, true class ("" where there is none: out-of-distribution
+    images) and every class's raw logit (``logit_<class>``), the numbers calibration is fitted
+    and measured on (``predictions.csv`` rounds probabilities, which loses small ones)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([*LOGIT_COLUMNS, *(f"logit_{c}" for c in class_names)])
+    for split, image_path, label, logits in rows:
+        writer.writerow([split, image_path, label, *(f"{v:.7g}" for v in logits)])
+    write_text(path, text.getvalue())
+
+
+def read_logits(path: Path, class_names: list[str]) -> dict[str, dict]:
+    """{split: {"paths", "labels" (class indices; -1 where none), "logits" (N x classes)}}."""
+    out: dict[str, dict] = {}
+    for row in read_predictions(path):
+        split = out.setdefault(row["split"], {"paths": [], "labels": [], "logits": []})
+        split["paths"].append(row["path"])
+        split["labels"].append(class_names.index(row["label"]) if row["label"] else -1)
+        split["logits"].append([float(row[f"logit_{c}"]) for c in class_names])
+    return {k: {"paths": v["paths"], "labels": np.asarray(v["labels"], np.int64),
+                "logits": np.asarray(v["logits"], np.float64).reshape(len(v["paths"]), len(class_names))}
+            for k, v in out.items()}
+
+
 def read_predictions(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))

@@ -14,7 +14,7 @@ from pathlib import Path
 from common.cpu import usable_logical_cpus
 from common.errors import run_cli
 from common.files import write_json
-from training import distributed, transfer
+from training import calibrate, distributed, transfer
 from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, from_dict, to_dict
 from training.attention import write_heatmaps
 from training.comparison import write_comparison
@@ -22,6 +22,7 @@ from training.engine import Precision
 from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
 from training.study import members
 from training.synthetic import ensure_builtin_dataset
+from training.engine import Precision
 from training.trainer import cache_dir_for, preprocessing_for, train_model, train_storage_for
 
 RUNS_DIR = Path("runs")
@@ -109,6 +110,8 @@ def train(argv: list[str] | None = None) -> int:
         fresh = [n for n in config.models if not (study[0].folder(run_dir, n) / "last.pt").exists()]
         if config.init_weights and fresh:  # refuse a wrong file before a run folder is made
             transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
+        trained_on = [p for split in data.splits.values() for p in split.paths]
+        ood = calibrate.load_ood(config, trained_on, preprocessing_for(config))
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             precision = Precision(device, config.precision).chosen()
@@ -126,7 +129,9 @@ def train(argv: list[str] | None = None) -> int:
                   f"Device: {device}" + (f" x {world.size} processes" if world.distributed else "")
                   + f"\nPrecision: {precision}"
                   + (f"\nRuns per model: {len(study)} ({', '.join(m.label for m in study)})"
-                     if len(study) > 1 else ""), flush=True)
+                     if len(study) > 1 else "")
+                  + (f"\nOut-of-distribution check: {len(ood.paths)} images in {ood.folder}" if ood else ""),
+                  flush=True)
             for notice in notices:
                 print(notice[0].upper() + notice[1:], flush=True)
         for member in study:  # a resumed study skips finished runs and continues the one it was in
@@ -142,6 +147,9 @@ def train(argv: list[str] | None = None) -> int:
                 pooled = sum(len(fold.splits["val"]) for fold in folds)
                 sizes = f"{len(folds)} folds of {pooled} images" + (
                     f", test {len(data.splits['test'])}" if "test" in data.splits else "")
+            if ood:
+                calibrate.write_ood_logits(run_dir, list(config.models), study, ood, preprocessing_for(config),
+                                           Precision(device, config.precision), device)
             write_heatmaps(run_dir, list(config.models), study[0], data.class_names, config.seed)
             write_comparison(run_dir, config, study, {
                 "dataset": config.data, "classes": len(data.class_names), "split_sizes": sizes,

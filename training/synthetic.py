@@ -13,6 +13,11 @@ Sizes vary (72 to 128 px per side, rarely square) and files come in the formats 
 real dataset mixes: JPEG (60%), RGB, RGBA, palette and greyscale PNG. Two deliberately broken
 files (a truncated JPEG and an empty PNG) show the bad-file report at work.
 
+Beside it, never inside it, lies a held-out out-of-distribution set (``generate_ood``):
+images of none of the classes (plain noise, smooth gradients, cloudy fields, scribbles of
+lines and outlines, flat colours), on which a model should say it is unsure. It is never
+trained or fitted on; the comparison only measures how often each model abstains on it.
+
 Nothing is downloaded: the same seed always writes the same files.
 """
 from __future__ import annotations
@@ -34,6 +39,11 @@ VERSION = 1  # bump when the drawings change, so cached copies are regenerated
 DEFAULT_IMAGES_PER_CLASS = 160
 DEFAULT_DIR = Path("data") / f"builtin-v{VERSION}"
 BROKEN_FILES = ("dots/dots_broken.jpg", "stripes/stripes_empty.png")
+OOD_VERSION = 1  # likewise for the out-of-distribution drawings
+OOD_KINDS = ("noise", "gradient", "clouds", "scribbles", "flat")
+DEFAULT_OOD_IMAGES = 100
+# A sibling of the dataset's folder, not a sub-folder: an ImageFolder would read one as a class.
+DEFAULT_OOD_DIR = Path("data") / f"builtin-ood-v{OOD_VERSION}"
 
 
 def _pattern(name: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -121,6 +131,49 @@ def draw_image(label: int, rng: np.random.Generator) -> Image.Image:
     return img
 
 
+def draw_ood_image(kind: str, rng: np.random.Generator) -> Image.Image:
+    """One image of none of the classes: no blob, no class texture, sized like the dataset's."""
+    width, height = (int(v) for v in rng.integers(72, 129, 2))
+    yy, xx = np.mgrid[0:height, 0:width].astype(float)
+    if kind == "noise":  # colour noise around a random mean, at a random grain
+        grain = int(rng.integers(1, 6))
+        small = rng.normal(_color(rng), rng.uniform(20, 90), (height // grain + 1, width // grain + 1, 3))
+        canvas = np.kron(small, np.ones((grain, grain, 1)))[:height, :width]
+    elif kind == "gradient":  # linear or radial, between two random colours
+        c0, c1 = _color(rng), _color(rng)
+        if rng.random() < 0.5:
+            angle = rng.uniform(0, 2 * math.pi)
+            t = xx * math.cos(angle) + yy * math.sin(angle)
+        else:
+            t = np.hypot(xx - rng.uniform(0, width), yy - rng.uniform(0, height))
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+        canvas = c0 + (c1 - c0) * t[..., None]
+    elif kind == "clouds":  # a smooth random field: coarse noise, upsampled
+        coarse = rng.uniform(0, 255, (int(rng.integers(3, 8)), int(rng.integers(3, 8)), 3)).astype(np.uint8)
+        canvas = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), float)
+    elif kind == "scribbles":  # random lines and outlines on a plain ground
+        img = Image.new("RGB", (width, height), tuple(int(c) for c in _color(rng)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(3, 12)):
+            xy = sorted(rng.uniform(0, [width, height], (2, 2)).tolist())
+            box = [min(xy[0][0], xy[1][0]), min(xy[0][1], xy[1][1]), max(xy[0][0], xy[1][0]), max(xy[0][1], xy[1][1])]
+            colour, line = tuple(int(c) for c in _color(rng)), int(rng.integers(1, 4))
+            shape = rng.integers(0, 3)
+            if shape == 0:
+                draw.line([tuple(p) for p in xy], fill=colour, width=line)
+            elif shape == 1:
+                draw.ellipse(box, outline=colour, width=line)
+            else:
+                draw.rectangle(box, outline=colour, width=line)
+        canvas = np.asarray(img, float)
+    elif kind == "flat":  # one colour with faint pixel noise
+        canvas = np.broadcast_to(_color(rng), (height, width, 3)).astype(float)
+    else:
+        raise ValueError(kind)
+    canvas = canvas + rng.normal(0, rng.uniform(0, 8), (height, width, 1))
+    return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+
+
 def _save(img: Image.Image, path_stem: Path, rng: np.random.Generator) -> None:
     """Save in one of the formats and modes a real dataset mixes."""
     kind = rng.choice(["jpeg"] * 6 + ["png", "png_rgba", "png_palette", "png_grey"])
@@ -154,6 +207,32 @@ def generate(root: Path, images_per_class: int = DEFAULT_IMAGES_PER_CLASS, seed:
     shutil.rmtree(root, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, root)
+    return root
+
+
+def generate_ood(root: Path, images: int = DEFAULT_OOD_IMAGES, seed: int = 0) -> Path:
+    """Write the out-of-distribution set under ``root`` (atomically), the kinds in turn. Its
+    seeds ([seed, 1000 + kind, i]) are not the dataset's ([seed, label, i], labels below 5)."""
+    root = Path(root)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i in range(images):
+        k = i % len(OOD_KINDS)
+        rng = np.random.default_rng([seed, 1000 + k, i])
+        _save(draw_ood_image(OOD_KINDS[k], rng), tmp / f"{OOD_KINDS[k]}_{i:04d}", rng)
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+    return root
+
+
+def ensure_builtin_ood(root: Path = DEFAULT_OOD_DIR) -> Path:
+    """The out-of-distribution set's folder, generated first if it is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        print(f"Generating the out-of-distribution set in {root} ...", flush=True)
+        generate_ood(root)
     return root
 
 

@@ -21,7 +21,7 @@ from common.cpu import usable_logical_cpus
 from common.errors import Failure
 from common.files import write_json
 from imaging.preprocessing import Preprocessing
-from training import checkpoint, distributed, reports, transfer
+from training import calibrate, checkpoint, distributed, reports, transfer
 from training.config import TrainConfig, to_dict
 from training.data import PreparedData, TrainingSamples
 from training.distributed import World
@@ -295,6 +295,9 @@ def final_report(run: ModelRun) -> dict:
         report["per_class" if split == "val" else "test_per_class"] = per_class
         if split == "val":
             val_matrix = matrix
+    # Temperature and abstention threshold, fitted on validation only (the test split stays unseen).
+    record = calibrate.calibration_record(evaluations["val"].logits.numpy(), evaluations["val"].labels.numpy())
+    report["calibration"] = calibrate.summary(record)
     report.update({
         "parameters": count_parameters(run.model),
         "mult_adds": count_mult_adds(run.model, run.preprocessing.input_size),
@@ -309,6 +312,13 @@ def final_report(run: ModelRun) -> dict:
         reports.write_predictions(folder / "predictions.csv", {
             split: (run.data.splits[split], result) for split, result in evaluations.items()},
             run.data.class_names)
+        checkpoint.save({**best, "calibration": record}, run.best_path)
+        reports.write_logits(folder / "logits.csv", [
+            (split, path, run.data.class_names[int(label)], logits.tolist())
+            for split, result in evaluations.items()
+            for path, label, logits in zip(run.data.splits[split].paths, result.labels, result.logits)],
+            run.data.class_names)
+        print(f"{run.display}: {calibrate.describe(record)}", flush=True)
         reports.plot_curves(folder / "curves.png", run.history, run.display, report["best_epoch"])
         reports.plot_confusion(folder / "confusion.png", val_matrix, run.data.class_names,
                                f"{run.display}: validation, best epoch {report['best_epoch']}")
