@@ -214,7 +214,7 @@ def generate_ood(root: Path, images: int = DEFAULT_OOD_IMAGES, seed: int = 0) ->
     """Write the out-of-distribution set under ``root`` (atomically), the kinds in turn. Its
     seeds ([seed, 1000 + kind, i]) are not the dataset's ([seed, label, i], labels below 5)."""
     root = Path(root)
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    tmp = temporary_path(root)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for i in range(images):
