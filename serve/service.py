@@ -50,6 +50,10 @@ class ModelResult(BaseModel):
     top_class: str
     confidences: dict[str, float] = Field(description="every class's probability, in the model's class order")
     milliseconds: float = Field(description="the model's own run time")
+    unsure: Optional[bool] = Field(
+        None, description="true when the top probability is below the model's abstention threshold "
+                          "(chosen on validation so that the predictions kept reach a target accuracy); "
+                          "absent for files exported without one")
     heatmap: Optional[list[list[float]]] = Field(
         None, description="the top class's Grad-CAM map, h x w, scaled to [0, 1] by its maximum "
                           "(absent for files exported without heatmaps)")
@@ -207,7 +211,7 @@ class Service:
             results.append(ModelResult(
                 model=model.name, display_name=model.display_name, precision=model.precision,
                 top_class=prediction.top_class, confidences=prediction.probabilities,
-                milliseconds=round(prediction.milliseconds, 3),
+                milliseconds=round(prediction.milliseconds, 3), unsure=prediction.unsure,
                 heatmap=None if heatmap is None else np.round(heatmap, 4).tolist()))
             if overlays:
                 chosen = prediction.heatmap(heatmap_class)

@@ -43,17 +43,29 @@ def uploaded_file(payload: dict | None) -> str | None:
 
 
 def verdict(classification: Classification, precision: str) -> str:
-    """One line: do the models agree, and which precision is served."""
+    """One line: do the models agree, how many are unsure, and which precision is served."""
     results = classification.results
-    tops = [r.top_class for r in results]
-    if len(results) == 1:
+    sure = [r for r in results if not r.unsure]
+    unsure = len(results) - len(sure)
+    tops = [r.top_class for r in sure]
+    if not sure:
+        text = (f"{'The model is' if len(results) == 1 else f'All {len(results)} models are'} unsure "
+                "(best guess: " + ", ".join(f"{r.display_name} {r.top_class}" for r in results) + ").")
+    elif len(results) == 1:
         text = f"One model loaded: **{tops[0]}**."
-    elif len(set(tops)) == 1:
+    elif unsure == 0 and len(set(tops)) == 1:
         text = f"All {len(results)} models agree: **{tops[0]}**."
+    elif len(set(tops)) == 1:
+        text = f"{len(sure)} of {len(results)} models say **{tops[0]}**, {unsure} {'is' if unsure == 1 else 'are'} unsure."
     else:
-        text = "The models disagree: " + ", ".join(f"{r.display_name} says **{r.top_class}**"
-                                                  for r in results) + "."
+        text = ("The models disagree: " + ", ".join(f"{r.display_name} says **{r.top_class}**" for r in sure)
+                + (f"; {unsure} {'is' if unsure == 1 else 'are'} unsure." if unsure else "."))
     return f"{text} ({precision.upper()} models)"
+
+
+def top_line(result) -> str:
+    """The top class, marked when the model is unsure of it (its probabilities stay visible)."""
+    return f"unsure (best guess: {result.top_class})" if result.unsure else result.top_class
 
 
 def build_demo(catalog: Catalog, service: Service | None = None) -> gr.Blocks:
@@ -79,7 +91,7 @@ def build_demo(catalog: Catalog, service: Service | None = None) -> gr.Blocks:
         values = [[r.model_dump(exclude_none=True) for r in classification.results],
                   verdict(classification, catalog.precision)]
         for r, picture in zip(classification.results, classification.overlays):
-            values += [r.top_class, r.confidences, f"{r.milliseconds:.1f} ms", picture]
+            values += [top_line(r), r.confidences, f"{r.milliseconds:.1f} ms", picture]
         return values + [TOP_CLASS]  # a new result shows every model's own top class
 
     async def explain(image_payload, class_name):
