@@ -94,15 +94,19 @@ def read_manifest(folder: Path) -> dict:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--engine and --precision, the same for serve.app, serve.predict and serve.evaluate."""
-    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
-                        help="what runs the models: auto (default) times every installed engine "
-                             "at start-up and keeps, per model, the fastest that stays faithful "
-                             "to ONNX Runtime FP32")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="fp32 or int8: which exported file; bf16: the FP32 file computed "
-                             "in bfloat16 (OpenVINO, CPUs with AVX-512 BF16 or AMX); auto "
-                             "(default): fp32 or bf16, as --engine auto decides")
+    """--engine and --precision, the same for serve.app, serve.predict and serve.evaluate. Their
+    defaults may be set for a whole deployment (or a test run) with RESNET_TRIO_ENGINE and
+    RESNET_TRIO_PRECISION."""
+    engine = os.environ.get("RESNET_TRIO_ENGINE", "auto")
+    precision = os.environ.get("RESNET_TRIO_PRECISION", "auto")
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default=engine,
+                        help="what runs the models: auto times every installed engine at start-up "
+                             "and keeps, per model, the fastest that stays faithful to ONNX Runtime "
+                             f"(default: {engine})")
+    parser.add_argument("--precision", choices=PRECISIONS, default=precision,
+                        help="fp32 or int8: which exported file; bf16: the FP32 file computed in "
+                             "bfloat16 (OpenVINO on CPUs with AVX-512 BF16 or AMX); auto: fp32 or "
+                             f"bf16, whichever --engine chooses (default: {precision})")
 
 
 def candidate_pairs(engine: str, precision: str) -> list[tuple[str, str]]:
@@ -173,10 +177,7 @@ def load_catalog(folder: str | os.PathLike, precision: str = "fp32", threads: in
         if path is None:
             raise CatalogError(f"a model entry in '{folder / 'manifest.json'}' has no \"file\"")
         try:
-            if len(pairs) > 1:
-                predictor = engine_choice.choose(path, pairs, checks, threads, log)
-            else:
-                predictor = Predictor(path, threads, *pairs[0])
+            predictor = engine_choice.choose(path, pairs, checks, threads, log)
             # One run at start: a file that loads but cannot run fails here, not on a user's
             # request, and the first request does not pay for the engine's lazy set-up.
             predictor.predict(Image.new("RGB", predictor.input_size[::-1]))

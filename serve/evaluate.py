@@ -16,6 +16,7 @@ a label the models do not know is a user mistake (exit code 2). Torch-free.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -40,9 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", choices=SPLITS,
                         help="pre-made split folder to use (default: test, else val, if made)")
     parser.add_argument("--models", default="models", help="folder with manifest.json (default: models)")
-    parser.add_argument("--engine", choices=(*ENGINE_CHOICES, "all"), default="auto",
-                        help="what runs the models: auto (default) as serve.app chooses, an "
-                             "engine, or all: each installed engine, side by side")
+    parser.add_argument("--engine", choices=(*ENGINE_CHOICES, "all"),
+                        default=os.environ.get("RESNET_TRIO_ENGINE", "auto"),
+                        help="what runs the models: auto (default; RESNET_TRIO_ENGINE changes it) as "
+                             "serve.app chooses, an engine, or all: each installed engine side by side")
     parser.add_argument("--precision", choices=(*PRECISIONS, "all"), default="all",
                         help="auto, fp32, bf16, int8, or all (default): every exported file "
                              "(auto for FP32; with --engine all, every precision)")
