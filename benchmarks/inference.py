@@ -51,6 +51,19 @@ def openvino_predictors(fp32_path: Path, int8_path: Path, threads: int) -> dict[
     return found
 
 
+def check_images(run_dir: Path | None, preprocessing: Preprocessing, calibration: np.ndarray) -> np.ndarray:
+    """What serve.app checks fidelity on: the run's validation images (up to the app's cap;
+    the examples are some of them), else 16 of the calibration drawings."""
+    if run_dir is not None:
+        from export.run import validation_images
+        from serve.catalog import CHECK_VALIDATION_IMAGES
+
+        images, _ = validation_images(run_dir, preprocessing, limit=CHECK_VALIDATION_IMAGES)
+        if len(images):
+            return images
+    return calibration[:16]
+
+
 def auto_choice(fp32_path: Path, images: np.ndarray, threads: int) -> Predictor:
     """What serve.app --engine auto --precision auto serves for this file (its choice logged)."""
     return engine_choice.choose(fp32_path, candidate_pairs("auto", "auto"), images, threads,
@@ -147,7 +160,7 @@ def build(name: str, run_dir: Path | None, size: int, calibration: np.ndarray, w
         "int8_float_layers": list(float_layers),
     }
     others = openvino_predictors(fp32_path, int8_path, threads)
-    auto = auto_choice(fp32_path, calibration[:16], threads)
+    auto = auto_choice(fp32_path, check_images(run_dir, checkpoint.preprocessing_of(ckpt), calibration), threads)
     facts["auto"] = auto.choice
     for key, predictor in others.items():
         got = predictor.run(["logits"], calibration[:8])[0]

@@ -25,7 +25,10 @@ from serve.predictor import REFERENCE_ENGINE, ModelFileError, Predictor
 MAX_PROBABILITY_DIFF = 0.01
 MIN_HEATMAP_CORRELATION = 0.99
 HEATMAP_NOISE_LEVEL = 0.05  # the export's parity calls maps below this noise-level (ABSOLUTE_FLOOR)
-MIN_GAIN = 1.10  # how much faster than ONNX Runtime another engine must be to replace it
+# How much faster than ONNX Runtime another engine must be to replace it: OpenVINO FP32 timed
+# against ONNX Runtime FP32 on one busy 2-core machine came out 0.87x to 1.13x (the same
+# arithmetic), while bfloat16 gains 1.6x and more where the CPU has it.
+MIN_GAIN = 1.25
 ROUNDS, PER_BLOCK = 5, 3  # 15 timed calls per candidate, in 5 interleaved blocks
 CHECK_BATCH = 8
 
