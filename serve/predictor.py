@@ -172,11 +172,11 @@ class Predictor:
             raise ModelFileError(f"model file '{self.path}' does not exist")
         if engine not in ENGINES:
             raise UserError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
-        if engine == "openvino" and not openvino_available():
-            raise UserError("engine 'openvino' is not installed (pip install '.[openvino]')")
         if precision == "bf16" and "bf16" not in engine_precisions(engine, "fp32"):
             raise UserError(f"{engine} cannot compute in bf16 on this CPU (bf16 needs OpenVINO and "
                             "a CPU with AVX-512 BF16 or AMX)")
+        if engine == "openvino" and not openvino_available():
+            raise UserError("engine 'openvino' is not installed (pip install '.[openvino]')")
         try:
             self.backend = ENGINE_CLASSES[engine](self.path, threads, precision or "fp32")
         except Exception as exc:
