@@ -139,10 +139,13 @@ def check_images(folder: Path, manifest: dict, examples: list[Path]) -> list[Ima
                       if isinstance(e, list) and e and isinstance(e[0], str)]
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             pass  # no validation images: the examples alone
-    images = []
+    images, seen = [], set()
     for path in paths:
         try:
-            images.append(imaging.load_rgb(path, imaging.SERVING_MAX_PIXELS))
+            digest = sha256_of(path)  # the examples are copies of validation images: once each
+            if digest not in seen:
+                images.append(imaging.load_rgb(path, imaging.SERVING_MAX_PIXELS))
+                seen.add(digest)
         except (imaging.ImageError, OSError):
             continue
     return images

@@ -29,7 +29,7 @@ HEATMAP_NOISE_LEVEL = 0.05  # the export's parity calls maps below this noise-le
 # against ONNX Runtime FP32 on one busy 2-core machine came out 0.87x to 1.13x (the same
 # arithmetic), while bfloat16 gains 1.6x and more where the CPU has it.
 MIN_GAIN = 1.25
-ROUNDS, PER_BLOCK = 5, 3  # 15 timed calls per candidate, in 5 interleaved blocks
+ROUNDS, PER_BLOCK = 3, 2  # 6 timed calls per candidate in 3 interleaved blocks: start-up stays short
 CHECK_BATCH = 8
 
 
@@ -80,7 +80,6 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], rounds: int = ROU
     keys = list(runs)
     samples = {k: [] for k in keys}
     for k in keys:  # warm-up: lazy set-up and first-call allocation are not timed
-        runs[k]()
         runs[k]()
     for r in range(rounds):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
