@@ -48,12 +48,11 @@ def machine() -> dict:
         "onnxruntime": onnxruntime.__version__,
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
+    for package in ("torch", "openvino"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            pass
     return info
 
 

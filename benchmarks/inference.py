@@ -1,10 +1,13 @@
-"""``python -m benchmarks.inference``: PyTorch eager vs ONNX Runtime FP32 vs ONNX Runtime INT8.
+"""``python -m benchmarks.inference``: PyTorch eager vs ONNX Runtime FP32 and INT8 vs OpenVINO.
 
 For each model, in one process: the weights (a run's best checkpoints, or untrained ones with
 ``--untrained``) are exported to ONNX at ``--size`` px and quantized to INT8 exactly as
 ``python -m export.run --quantize int8`` does (calibrated on the run's training images, or on
 drawings of the built-in dataset), then the three engines are timed in alternating blocks at
-each batch size. Then one request's worth of work, the three models one after another as the
+each batch size, beside OpenVINO on the same files (FP32; bf16 where the CPU has native
+bfloat16; INT8) where it is installed, and beside what ``--engine auto`` chooses for the
+FP32 file (serve.engine_choice, run as the app runs it: probabilities and heatmaps, against
+ONNX Runtime FP32 doing the same). Then one request's worth of work, the three models one after another as the
 app runs them, is timed against the sum of the models alone (the thread pools must not fight).
 
 Prints tables and writes benchmarks/results/inference.json (see ``--out``).
@@ -31,12 +34,42 @@ from export.fidelity import compare_files
 from export.quantize import quantize_file
 from imaging.preprocessing import Preprocessing
 from common.cpu import usable_logical_cpus
-from serve.predictor import create_session
+from serve import engine_choice
+from serve.catalog import candidate_pairs
+from serve.predictor import Predictor, create_session, engine_precisions, openvino_available
 from training import checkpoint
 from training.models import MODEL_NAMES, create_model
 from training.transforms import EvalTransform, decode
 
 ENGINES = ("torch", "ort_fp32", "ort_fp32_heatmaps", "ort_int8")
+OPENVINO_ENGINES = ("ov_fp32", "ov_bf16", "ov_int8")  # those this CPU offers, where installed
+
+
+def openvino_predictors(fp32_path: Path, int8_path: Path, threads: int) -> dict[str, Predictor]:
+    if not openvino_available():
+        return {}
+    found = {f"ov_{p}": Predictor(fp32_path, threads, "openvino", p) for p in engine_precisions("openvino", "fp32")}
+    found["ov_int8"] = Predictor(int8_path, threads, "openvino", "int8")
+    return found
+
+
+def check_images(run_dir: Path | None, preprocessing: Preprocessing, calibration: np.ndarray) -> np.ndarray:
+    """What serve.app checks fidelity on: the run's validation images (up to the app's cap;
+    the examples are some of them), else 16 of the calibration drawings."""
+    if run_dir is not None:
+        from export.run import validation_images
+        from serve.catalog import CHECK_VALIDATION_IMAGES
+
+        images, _ = validation_images(run_dir, preprocessing, limit=CHECK_VALIDATION_IMAGES)
+        if len(images):
+            return images
+    return calibration[:16]
+
+
+def auto_choice(fp32_path: Path, images: np.ndarray, threads: int) -> Predictor:
+    """What serve.app --engine auto --precision auto serves for this file (its choice logged)."""
+    return engine_choice.choose(fp32_path, candidate_pairs("auto", "auto"), images, threads,
+                                log=lambda line: print(f"  auto: {line}", flush=True))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,21 +161,33 @@ def build(name: str, run_dir: Path | None, size: int, calibration: np.ndarray, w
         "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size,
         "int8_float_layers": list(float_layers),
     }
-    return model, fp32, int8, facts
+    others = openvino_predictors(fp32_path, int8_path, threads)
+    auto = auto_choice(fp32_path, check_images(run_dir, checkpoint.preprocessing_of(ckpt), calibration), threads)
+    facts["auto"] = auto.choice
+    for key, predictor in others.items():
+        got = predictor.run(["logits"], calibration[:8])[0]
+        facts[f"{key}_max_abs_logit_diff_vs_torch"] = float(np.abs(got - reference).max())
+    return model, fp32, int8, facts, others, auto
 
 
-def time_engines(model, fp32, int8, batch: int, size: int, calls: int, clock) -> dict[str, list[float]]:
+def time_engines(model, fp32, int8, batch: int, size: int, calls: int, clock,
+                 others: dict | None = None, auto: Predictor | None = None) -> dict[str, list[float]]:
     x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
     xt = torch.from_numpy(x)
     per_block = max(1, min(5, calls // 6))
     rounds = max(3, calls // per_block)
+    contenders = {
+        "torch": lambda: model(xt),
+        "ort_fp32": lambda: fp32.run(["probabilities"], {INPUT_NAME: x}),
+        "ort_fp32_heatmaps": lambda: fp32.run(["probabilities", "heatmaps"], {INPUT_NAME: x}),
+        "ort_int8": lambda: int8.run(["probabilities"], {INPUT_NAME: x}),
+    }
+    for key, predictor in (others or {}).items():
+        contenders[key] = lambda p=predictor: p.run(["probabilities"], x)
+    if auto is not None:
+        contenders["auto_heatmaps"] = lambda: auto.run(["probabilities", "heatmaps"], x)
     with torch.inference_mode():
-        return interleaved({
-            "torch": lambda: model(xt),
-            "ort_fp32": lambda: fp32.run(["probabilities"], {INPUT_NAME: x}),
-            "ort_fp32_heatmaps": lambda: fp32.run(["probabilities", "heatmaps"], {INPUT_NAME: x}),
-            "ort_int8": lambda: int8.run(["probabilities"], {INPUT_NAME: x}),
-        }, rounds=rounds, per_block=per_block, clock=clock)
+        return interleaved(contenders, rounds=rounds, per_block=per_block, clock=clock)
 
 
 def time_request(sessions: dict[str, object], size: int, calls: int, clock) -> dict[str, list[float]]:
@@ -188,7 +233,7 @@ def main(argv=None) -> int:
     results = {"command": command_line(argv, "benchmarks.inference"), "machine": machine(),
                "weights": source, "size": args.size, "threads": threads, "clock": args.clock,
                "models": {}, "request": {}}
-    rows, sessions = [], {"fp32": {}, "int8": {}}
+    rows, engine_rows, sessions = [], [], {"fp32": {}, "int8": {}}
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as work:
         calibration = calibration_images(run_dir, args.size, args.calibration_images)
         for name in names:
@@ -196,24 +241,35 @@ def main(argv=None) -> int:
             float_layers = float_layers_of(args.int8_from, name)
             if float_layers:
                 print(f"  INT8 keeps float: {', '.join(float_layers)}", flush=True)
-            model, fp32, int8, facts = build(name, run_dir, args.size, calibration, Path(work), threads,
-                                             float_layers)
+            model, fp32, int8, facts, others, auto = build(name, run_dir, args.size, calibration,
+                                                           Path(work), threads, float_layers)
             sessions["fp32"][name], sessions["int8"][name] = fp32, int8
             results["models"][name] = {"facts": facts, "batches": {}}
             for batch in batches:
                 calls = max(6, args.calls // batch * 2) if batch > 1 else args.calls
-                times = time_engines(model, fp32, int8, batch, args.size, calls, clock)
-                ms = {e: median_ms(times[e]) for e in ENGINES}
+                times = time_engines(model, fp32, int8, batch, args.size, calls, clock, others, auto)
+                ms = {e: median_ms(t) for e, t in times.items()}
                 entry = {
                     "calls": len(times["torch"]),
                     "median_ms": ms,
-                    "images_per_second": {e: batch * 1000 / ms[e] for e in ENGINES},
+                    "images_per_second": {e: batch * 1000 / ms[e] for e in ms},
                     "fp32_vs_torch": ms["torch"] / ms["ort_fp32"],
                     "int8_vs_fp32": ms["ort_fp32"] / ms["ort_int8"],
                     "int8_vs_torch": ms["torch"] / ms["ort_int8"],
                     # What also fetching every class's Grad-CAM map costs (target <= 1.05x).
                     "heatmaps_vs_probabilities": ms["ort_fp32_heatmaps"] / ms["ort_fp32"],
+                    # Every engine and precision as a ratio to ONNX Runtime FP32 (> 1: faster).
+                    "vs_ort_fp32": {e: ms["ort_fp32"] / ms[e] for e in ("ort_int8", *others)},
                 }
+                if "auto_heatmaps" in ms:  # the app's call (probabilities + heatmaps) on each side
+                    entry["auto"] = f"{auto.engine} {auto.precision}"
+                    entry["auto_vs_ort_fp32"] = ms["ort_fp32_heatmaps"] / ms["auto_heatmaps"]
+                engine_rows.append([name, batch, ms["ort_fp32"]]
+                                   + [f"{ms[e]:.1f} ({ms['ort_fp32'] / ms[e]:.2f}x)" if e in ms else "-"
+                                      for e in ("ort_int8", *OPENVINO_ENGINES)]
+                                   + ([f"{entry['auto']}: {ms['auto_heatmaps']:.1f} vs "
+                                       f"{ms['ort_fp32_heatmaps']:.1f} ({entry['auto_vs_ort_fp32']:.2f}x)"]
+                                      if "auto" in entry else ["-"]))
                 results["models"][name]["batches"][str(batch)] = entry
                 rows.append([name, batch, ms["torch"], ms["ort_fp32"], ms["ort_int8"],
                              f"{entry['fp32_vs_torch']:.2f}x", f"{entry['int8_vs_fp32']:.2f}x",
@@ -222,7 +278,7 @@ def main(argv=None) -> int:
                              f"{entry['heatmaps_vs_probabilities']:.3f}x"])
                 print(f"  batch {batch}: torch {ms['torch']:.1f} ms, FP32 {ms['ort_fp32']:.1f} ms, "
                       f"INT8 {ms['ort_int8']:.1f} ms", flush=True)
-            del model
+            del model, others, auto
         request_rows = []
         if len(names) > 1:
             for precision, by_name in sessions.items():
@@ -239,6 +295,13 @@ def main(argv=None) -> int:
     print(markdown_table(["model", "batch", "PyTorch eager", "ORT FP32", "ORT INT8", "FP32 vs eager",
                           "INT8 vs FP32", "INT8 vs eager", "INT8 images/s",
                           "FP32 + heatmaps vs FP32"], rows))
+    print("\nEngines: median ms (ratio to ONNX Runtime FP32; > 1 is faster). auto: what --engine auto "
+          "serves, probabilities and heatmaps, vs ONNX Runtime FP32 doing the same\n")
+    print(markdown_table(["model", "batch", "ORT FP32", "ORT INT8", "OpenVINO FP32", "OpenVINO BF16",
+                          "OpenVINO INT8", "--engine auto"], engine_rows))
+    print(f"\nCPU: {results['machine']['cpu']}; flags: {', '.join(results['machine']['cpu_flags']) or 'none of note'}"
+          f"; load average {results['machine']['load_average_1min']} at the start, "
+          f"{results['machine']['load_average_1min_end']} at the end")
     if request_rows:
         print("\nOne request (all models, batch 1) vs the models alone\n")
         print(markdown_table(["precision", "sum of models alone (ms)", "one after another (ms)",

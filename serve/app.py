@@ -27,7 +27,7 @@ import uvicorn  # noqa: E402
 
 import imaging  # noqa: E402
 from common.errors import Failure, UserError, run_cli  # noqa: E402
-from serve.catalog import PRECISIONS, load_catalog  # noqa: E402
+from serve.catalog import add_engine_arguments, load_catalog  # noqa: E402
 from serve.service import DEFAULT_DEADLINE_SECONDS  # noqa: E402
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # larger uploads are refused before they reach the decoder
@@ -45,8 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="which exported models to serve (default: fp32)")
+    add_engine_arguments(parser)
     parser.add_argument("--concurrency", type=positive_int, default=1,
                         help="requests classified at the same time; others wait in the queue "
                              "(default: 1, each request already uses every core)")
@@ -141,7 +140,7 @@ def serve(args: argparse.Namespace) -> int:
     problem = port_problem(args.host, args.port)
     if problem:
         raise UserError(problem)
-    catalog = load_catalog(args.models, args.precision)
+    catalog = load_catalog(args.models, args.precision, engine=args.engine)
     print(f"Loaded {', '.join(p.display_name for p in catalog.predictors)} "
           f"({catalog.precision}) from {catalog.folder}", flush=True)
 

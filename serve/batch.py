@@ -2,7 +2,7 @@
 
 Files are decoded and resized (imaging.load_rgb + Preprocessing.pixels, exactly as the app
 and training do) in a few worker processes, a bounded number of batches ahead, while this
-process runs each model's ONNX Runtime session on whole batches. Only uint8 model inputs
+process runs each model on whole batches (Predictor.run, whatever the engine). Only uint8 model inputs
 cross the process boundary.
 """
 from __future__ import annotations
@@ -83,7 +83,9 @@ class Progress:
 
 
 def model_key(predictor: Predictor) -> str:
-    return f"{predictor.name}.{predictor.precision}"
+    """name.precision, and .engine after it for engines other than ONNX Runtime."""
+    engine = getattr(predictor, "engine", "onnxruntime")
+    return f"{predictor.name}.{predictor.precision}" + ("" if engine == "onnxruntime" else f".{engine}")
 
 
 def classify_files(paths: Sequence[str], predictors: Sequence[Predictor], batch_size: int,

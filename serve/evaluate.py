@@ -3,12 +3,14 @@
     python -m serve.evaluate data/                       # ImageFolder (its test/ or val/ split if made)
     python -m serve.evaluate images/ --labels-csv labels.csv --out eval/
     python -m serve.evaluate data/ --split val --precision int8
+    python -m serve.evaluate data/ --engine all --precision all   # every engine side by side
 
 Every served model of every exported precision (or --precision) classifies the images, in
 batches, with the app's decoding and preprocessing. Written to --out: report.json,
 report.md, and a confusion-matrix PNG per model and precision: accuracy, macro-F1 (over the
 classes present in the data), per-class precision/recall/F1, the top-1 agreement of every
-pair of models, and of each INT8 file with its FP32 twin; each accuracy with its 95% Wilson
+pair of models, and of each INT8 file with its FP32 twin (with --engine all, every engine
+and precision of a model beside ONNX Runtime FP32); each accuracy with its 95% Wilson
 interval and every pair's exact paired test (McNemar's, with the interval that inverts it;
 Holm-adjusted over the pairs), in the words the training comparison uses (common/statistics).
 Class names are matched by name; a label the models do not know is a user mistake (exit code
@@ -17,6 +19,7 @@ Class names are matched by name; a label the models do not know is a user mistak
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -29,7 +32,7 @@ from common import statistics
 from common.errors import UserError, run_cli
 from common.files import atomic_write, write_json, write_text
 from serve.batch import Progress, classify_files, default_batch_size, default_workers, model_key
-from serve.catalog import PRECISIONS, CatalogError, load_catalog
+from serve.catalog import ENGINE_CHOICES, PRECISIONS, CatalogError, candidate_pairs, load_catalog
 from serve.dataset import SPLITS, index_csv, index_folder
 from serve.predict import positive_int
 
@@ -42,8 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", choices=SPLITS,
                         help="pre-made split folder to use (default: test, else val, if made)")
     parser.add_argument("--models", default="models", help="folder with manifest.json (default: models)")
+    parser.add_argument("--engine", choices=(*ENGINE_CHOICES, "all"),
+                        default=os.environ.get("RESNET_TRIO_ENGINE", "auto"),
+                        help="what runs the models: auto (default; RESNET_TRIO_ENGINE changes it) as "
+                             "serve.app chooses, an engine, or all: each installed engine side by side")
     parser.add_argument("--precision", choices=(*PRECISIONS, "all"), default="all",
-                        help="which exported models (default: all that were exported)")
+                        help="auto, fp32, bf16, int8, or all (default): every exported file "
+                             "(auto for FP32; with --engine all, every precision)")
     parser.add_argument("--out", default="evaluation", help="report folder (default: evaluation)")
     parser.add_argument("--batch-size", type=positive_int, default=default_batch_size())
     parser.add_argument("--workers", type=int, default=default_workers(),
@@ -55,17 +63,36 @@ def main(argv=None) -> int:
     return run_cli(lambda: evaluate(parse_args(argv)))
 
 
-def load_models(folder: str, precision: str):
-    """The predictors of the chosen precision(s), FP32 first."""
-    if precision != "all":
-        return load_catalog(folder, precision).predictors
-    predictors = load_catalog(folder, "fp32").predictors
-    try:
-        predictors += load_catalog(folder, "int8").predictors
-    except CatalogError as exc:
-        if "no int8 models" not in str(exc):
-            raise
+def load_models(folder: str, precision: str, engine: str = "auto"):
+    """The predictors of the chosen engine(s) and precision(s), FP32 files first."""
+    if engine != "all":
+        if precision != "all":
+            return load_catalog(folder, precision, engine=engine).predictors
+        predictors = load_catalog(folder, "auto", engine=engine).predictors
+        try:
+            predictors += load_catalog(folder, "int8", engine=engine).predictors
+        except CatalogError as exc:
+            if "no int8 models" not in str(exc):
+                raise
+        return predictors
+    # Every (engine, precision) pair this machine offers, each loaded as such: no choosing.
+    pairs = [pair for p in (PRECISIONS[1:] if precision in ("all", "auto") else (precision,))
+             for pair in safe_pairs(p)]
+    predictors = []
+    for pair_engine, pair_precision in pairs:
+        try:
+            predictors += load_catalog(folder, pair_precision, engine=pair_engine).predictors
+        except CatalogError as exc:
+            if "no int8 models" not in str(exc) or precision == "int8":
+                raise
     return predictors
+
+
+def safe_pairs(precision: str) -> list[tuple[str, str]]:
+    try:
+        return candidate_pairs("auto", precision)
+    except CatalogError:  # bf16 where this machine cannot: nothing to compare
+        return []
 
 
 def metrics(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
@@ -127,7 +154,7 @@ def evaluate(args: argparse.Namespace) -> int:
         labelled = index_folder(data, args.split)
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    predictors = load_models(args.models, args.precision)
+    predictors = load_models(args.models, args.precision, args.engine)
     class_names = predictors[0].class_names
     unknown = sorted(set(labelled.class_names) - set(class_names))
     if unknown:
@@ -137,7 +164,7 @@ def evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     label_of = dict(labelled.samples)
     paths = [path for path, _ in labelled.samples]
-    print(f"Evaluating {', '.join(f'{p.display_name} {p.precision}' for p in predictors)} on "
+    print(f"Evaluating {', '.join(f'{p.display_name} {p.engine} {p.precision}' for p in predictors)} on "
           f"{len(paths)} image(s) of {labelled.where}", file=sys.stderr, flush=True)
     used, predicted, failures = [], {model_key(p): [] for p in predictors}, list(labelled.missing)
     progress = Progress(len(paths))
@@ -153,22 +180,29 @@ def evaluate(args: argparse.Namespace) -> int:
     truth = np.array([class_names.index(label_of[p]) for p in used])
     report = {"data": labelled.where, "split": labelled.split, "images": len(used),
               "class_names": class_names, "unusable": [{"path": p, "reason": r} for p, r in failures],
-              "models": [], "agreement": [], "int8_vs_fp32": []}
+              "models": [], "agreement": [], "int8_vs_fp32": [], "engines": []}
     for p in predictors:
         key = model_key(p)
         result = {"name": p.name, "display_name": p.display_name, "precision": p.precision,
+                  "engine": p.engine,
                   "file": p.path.name, **metrics(truth, np.array(predicted[key]), class_names),
                   "confusion_png": f"confusion_{key}.png"}
         interval = statistics.wilson(int((np.array(predicted[key]) == truth).sum()), len(truth))
         result["accuracy_ci"] = [interval.low, interval.high]
         draw_confusion(result["confusion"], class_names,
-                       f"{p.display_name} ({p.precision}): accuracy {result['accuracy']:.1%}",
+                       f"{p.display_name} ({p.engine} {p.precision}): accuracy {result['accuracy']:.1%}",
                        out / result["confusion_png"])
         report["models"].append(result)
     for a, b in combinations(predictors, 2):
         agree = float(np.mean(np.array(predicted[model_key(a)]) == np.array(predicted[model_key(b)])))
         pair = {"a": model_key(a), "b": model_key(b), "top1_agreement": agree}
-        twins = a.name == b.name and {a.precision, b.precision} == {"fp32", "int8"}
+        if args.engine == "all":  # one model's engines against ONNX Runtime FP32; models alike
+            if a.name == b.name and (a.engine, a.precision) == ("onnxruntime", "fp32"):
+                report["engines"].append(pair)
+            elif a.name != b.name and (a.engine, a.precision) == (b.engine, b.precision):
+                report["agreement"].append(pair)
+            continue
+        twins = a.name == b.name and {a.file_precision, b.file_precision} == {"fp32", "int8"}
         report["int8_vs_fp32" if twins else "agreement"].append(pair)
     report["pairwise"] = pairwise(predictors, {k: np.array(v) == truth for k, v in predicted.items()})
     write_json(out / "report.json", report)
@@ -177,8 +211,8 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"  unusable: {path}: {reason}", file=sys.stderr)
     best = max(report["models"], key=lambda m: m["accuracy"])
     print(f"Wrote {out / 'report.md'}: {len(used)} image(s), highest accuracy {best['accuracy']:.1%} "
-          f"({best['display_name']} {best['precision']}; the pairwise tests say which differences "
-          "the images support)", file=sys.stderr)
+          f"({best['display_name']} {best['engine']} {best['precision']}; the pairwise tests say which "
+          "differences the images support)", file=sys.stderr)
     return 0
 
 
@@ -201,11 +235,11 @@ def markdown(report: dict) -> str:
     lines = ["# Evaluation of the exported models", "",
              f"Data: `{report['data']}`" + (f" (split `{report['split']}`)" if report["split"] else "")
              + f", {report['images']} image(s) used, {len(report['unusable'])} unusable.", "",
-             "| model | precision | accuracy (95% Wilson interval) | macro-F1 | confusion matrix |",
-             "|---|---|---:|---:|---|"]
+             "| model | engine | precision | accuracy (95% Wilson interval) | macro-F1 | confusion matrix |",
+             "|---|---|---|---:|---:|---|"]
     for m in report["models"]:
         low, high = m["accuracy_ci"]
-        lines.append(f"| {m['display_name']} | {m['precision']} | {m['accuracy']:.4f} ({low:.4f}–{high:.4f}) | "
+        lines.append(f"| {m['display_name']} | {m['engine']} | {m['precision']} | {m['accuracy']:.4f} ({low:.4f}–{high:.4f}) | "
                      f"{m['macro_f1']:.4f} | [{m['confusion_png']}]({m['confusion_png']}) |")
     if report["pairwise"]:
         lines += ["", "## What the data supports", "",
@@ -220,13 +254,14 @@ def markdown(report: dict) -> str:
                   f"{statistics.format_p(p['p_holm'], prefix='')} | {p['test']} | {p['a_ahead']} / {p['b_ahead']} |"
                   for p in report["pairwise"]]
     for title, pairs in (("Top-1 agreement between models", report["agreement"]),
-                         ("INT8 files against their FP32 twins", report["int8_vs_fp32"])):
+                         ("INT8 files against their FP32 twins", report["int8_vs_fp32"]),
+                         ("Each engine and precision against ONNX Runtime FP32", report["engines"])):
         if pairs:
             lines += ["", f"## {title}", "", "| a | b | top-1 agreement |", "|---|---|---:|"]
             lines += [f"| {p['a']} | {p['b']} | {p['top1_agreement']:.4f} |" for p in pairs]
     lines += ["", "## Per class", ""]
     for m in report["models"]:
-        lines += [f"### {m['display_name']} ({m['precision']})", "",
+        lines += [f"### {m['display_name']} ({m['engine']} {m['precision']})", "",
                   "| class | precision | recall | F1 | images |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
                   for c, v in m["per_class"].items()]

@@ -48,6 +48,9 @@ class Model(BaseModel):
     input_size: list[int]  # [height, width]
     sha256: Optional[str]
     val_accuracy: Optional[float]
+    engine: str = "onnxruntime"  # what runs it: onnxruntime or openvino
+    file_precision: str = "fp32"  # the served file's: fp32 or int8 (precision: what it computes in)
+    engine_choice: Optional[dict] = None  # how --engine auto chose, with its timings and fidelity
 
 
 class Models(BaseModel):

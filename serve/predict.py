@@ -26,7 +26,7 @@ import imaging
 from common.errors import UserError, run_cli
 from common.files import atomic_write
 from serve.batch import Progress, classify_files, default_batch_size, default_workers, model_key
-from serve.catalog import PRECISIONS, load_catalog
+from serve.catalog import add_engine_arguments, load_catalog
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -42,8 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve.predict", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
     parser.add_argument("--models", default="models", help="folder with manifest.json (default: models)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="which exported models to use (default: fp32)")
+    add_engine_arguments(parser)
     parser.add_argument("--out", help="output file: .csv, or .jsonl for JSON Lines (default: CSV on stdout)")
     parser.add_argument("--batch-size", type=positive_int, default=default_batch_size(),
                         help=f"images per model run (default here: {default_batch_size()})")
@@ -126,7 +125,7 @@ def predict(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     paths = find_images(args.paths)
-    catalog = load_catalog(args.models, args.precision)
+    catalog = load_catalog(args.models, args.precision, engine=args.engine)
     print(f"Classifying {len(paths)} file(s) with {', '.join(p.display_name for p in catalog.predictors)} "
           f"({catalog.precision}), batches of {args.batch_size}", file=sys.stderr, flush=True)
     if args.out:

@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The commands under test serve ONNX Runtime unless a test asks for another engine: answers do
+# not depend on which engine a start-up timing picked (tests/test_engines.py tests that).
+os.environ.setdefault("RESNET_TRIO_ENGINE", "onnxruntime")
 
 TINY_SIZE = 32  # px: the smallest image size training accepts, fast on CPU
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.container
 
 TOOLS = Path(os.environ.get("CONTAINER_TOOLS", ROOT.parent / "shared" / "tools"))
 TAG = "resnet-trio:test"
-CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "requirements/serve.lock")
+CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "requirements/serve.lock",
+                 "requirements/serve-openvino.lock")
 CONTEXT_PACKAGES = ("common", "imaging", "serve")
 HEALTH_TIMEOUT = 300
 
