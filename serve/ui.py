@@ -63,6 +63,19 @@ def verdict(classification: Classification, precision: str) -> str:
     return f"{text} ({precision.upper()} models)"
 
 
+def engine_line(model) -> str:
+    """Which engine runs the model, at which precision, and why (``--engine auto``'s measurement)."""
+    choice = model.choice or {}
+    if choice.get("mode") == "auto" and choice.get("speedup"):
+        return (f"{model.engine} {model.precision}: {choice['speedup']:.1f}x {choice['reference']}, "
+                f"measured at start-up")
+    return f"{model.engine} {model.precision}"
+
+
+def served_precisions(catalog: Catalog) -> str:
+    return "/".join(dict.fromkeys(p.precision.upper() for p in catalog.predictors))
+
+
 def top_line(result) -> str:
     """The top class, marked when the model is unsure of it (its probabilities stay visible)."""
     return f"unsure (best guess: {result.top_class})" if result.unsure else result.top_class
@@ -89,7 +102,7 @@ def build_demo(catalog: Catalog, service: Service | None = None) -> gr.Blocks:
     async def classify_page(image_payload):
         classification = await classified(image_payload, overlays=True)
         values = [[r.model_dump(exclude_none=True) for r in classification.results],
-                  verdict(classification, catalog.precision)]
+                  verdict(classification, served_precisions(catalog))]
         for r, picture in zip(classification.results, classification.overlays):
             values += [top_line(r), r.confidences, f"{r.milliseconds:.1f} ms", picture]
         return values + [TOP_CLASS]  # a new result shows every model's own top class
@@ -106,7 +119,7 @@ def build_demo(catalog: Catalog, service: Service | None = None) -> gr.Blocks:
 
     with gr.Blocks(title=TITLE, analytics_enabled=False,
                    delete_cache=(UPLOAD_CACHE_SECONDS, UPLOAD_CACHE_SECONDS)) as demo:
-        gr.Markdown(f"# {TITLE}\n{len(models)} model(s), {catalog.precision.upper()}, "
+        gr.Markdown(f"# {TITLE}\n{len(models)} model(s), {served_precisions(catalog)}, "
                     f"{len(classes)} classes: {', '.join(classes)}. "
                     "Upload, paste or photograph an image and press Classify.")
         with gr.Row():
@@ -128,7 +141,8 @@ def build_demo(catalog: Catalog, service: Service | None = None) -> gr.Blocks:
                 with gr.Row(equal_height=True):
                     for model in models:
                         with gr.Column(min_width=200, elem_id=f"model-{model.name}"):
-                            gr.Markdown(f"### {model.display_name}")
+                            gr.Markdown(f"### {model.display_name}\n<small>{engine_line(model)}</small>",
+                                        elem_id=f"engine-{model.name}")
                             outputs += [
                                 gr.Textbox(label="Top class", interactive=False,
                                            elem_id=f"top-{model.name}"),

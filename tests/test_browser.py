@@ -47,6 +47,11 @@ def upload_and_classify(page, url: str, path: Path, accepted: bool = True) -> No
     page.locator("#classify").click()
 
 
+def shown_top(prediction) -> str:
+    """What a model's "Top class" box says: the class, or that it is unsure of its best guess."""
+    return f"unsure (best guess: {prediction.top_class})" if prediction.unsure else prediction.top_class
+
+
 def test_upload_classify_shows_every_model(page, app_url, exported_models, tmp_path):
     from playwright.sync_api import expect
 
@@ -58,7 +63,7 @@ def test_upload_classify_shows_every_model(page, app_url, exported_models, tmp_p
 
     image = imaging.load_rgb(example)
     for entry in manifest["models"]:
-        expected_top = Predictor(exported_models / entry["file"]).predict(image).top_class
+        expected_top = shown_top(Predictor(exported_models / entry["file"]).predict(image))
         column = page.locator(f"#model-{entry['name']}")
         expect(column).to_contain_text(entry["display_name"])
         expect(page.locator(f"#top-{entry['name']} textarea")).to_have_value(expected_top)
@@ -67,7 +72,7 @@ def test_upload_classify_shows_every_model(page, app_url, exported_models, tmp_p
             expect(probs).to_contain_text(name)
         assert len(re.findall(r"\d+(?:\.\d+)?%", probs.inner_text())) == len(classes)
         expect(page.locator(f"#ms-{entry['name']} textarea")).to_have_value(re.compile(r"^\d+\.\d ms$"))
-    expect(page.locator("#verdict")).to_contain_text(re.compile(r"agree|disagree"))
+    expect(page.locator("#verdict")).to_contain_text(re.compile(r"agree|disagree|unsure"))
     expect(page.locator("#verdict")).to_contain_text("FP32")
     # Under each model, the image with that model's heatmap over it.
     overlays = [page.locator(f"#heat-{entry['name']} img") for entry in manifest["models"]]
@@ -117,5 +122,27 @@ def test_clicking_an_example_classifies_it(page, app_url, exported_models):
     page.get_by_text(example.stem, exact=True).click()
     page.locator("#image img").first.wait_for(state="attached")
     page.locator("#classify").click()
-    expected = Predictor(exported_models / manifest["models"][0]["file"]).predict_file(example).top_class
+    expected = shown_top(Predictor(exported_models / manifest["models"][0]["file"]).predict_file(example))
     expect(page.locator(f"#top-{manifest['models'][0]['name']} textarea")).to_have_value(expected)
+
+
+def test_an_ambiguous_image_is_shown_as_unsure(page, app_url, exported_models, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    ambiguous = tmp_path / "grey.png"  # no pattern at all: every class equally (un)likely
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(ambiguous)
+    manifest = json.loads((exported_models / "manifest.json").read_text())
+    image = imaging.load_rgb(ambiguous)
+    answers = {e["name"]: Predictor(exported_models / e["file"]).predict(image) for e in manifest["models"]}
+    unsure = [name for name, a in answers.items() if a.unsure]
+    assert unsure, "the test needs a model below its threshold for this image"
+    upload_and_classify(page, app_url, ambiguous)
+    for name, answer in answers.items():
+        expect(page.locator(f"#top-{name} textarea")).to_have_value(shown_top(answer))
+        probs = page.locator(f"#probs-{name}")  # the probabilities stay visible
+        expect(probs).to_contain_text(answer.top_class)
+    count = len(unsure)
+    expected = ("models are unsure" if count == len(answers) else
+                f"{count} {'is' if count == 1 else 'are'} unsure")
+    expect(page.locator("#verdict")).to_contain_text(expected)
