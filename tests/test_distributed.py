@@ -34,9 +34,9 @@ pytestmark = pytest.mark.slow
 PROCESSES = 2
 MODELS = ("plain34", "resnet34_modified")
 MODEL_FILES = {"best.pt", "last.pt", "history.csv", "curves.png", "confusion.png", "report.json",
-               "predictions.csv", "errors.png"}
+               "predictions.csv", "errors.png", "logits.csv"}
 RUN_FILES = {"config.json", "bad_files.json", "splits.json", "comparison.md", "comparison.json",
-             "comparison.png", "heatmaps.png"}
+             "comparison.png", "heatmaps.png", "calibration.png"}
 # --standalone: a free local port, so parallel runs never collide.
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES)]
 

@@ -13,6 +13,7 @@ import serve.predictor as predictor_module
 from common.errors import UserError
 from common.files import sha256_of
 from conftest import ROOT, run_python
+from export.onnx_export import temperature_of
 from export.parity import MAX_HEATMAP_DIFF, MAX_LOGIT_DIFF, MAX_PROB_DIFF, autograd_gradcam, relative_heatmap_diff
 from export.run import validation_images
 from serve import engine_choice
@@ -36,9 +37,11 @@ BF16_MAX_LOGIT_DIFF = 0.05
 RANDOM_INPUTS = 16
 
 
-def reference(model, x):
+def reference(model, x, temperature: float):
+    """PyTorch's logits, calibrated probabilities (softmax(logits / T), as the file computes) and
+    autograd Grad-CAM heatmaps."""
     logits, heatmaps = autograd_gradcam(model, torch.from_numpy(x))
-    return logits.numpy(), torch.softmax(logits, 1).numpy(), heatmaps.numpy()
+    return logits.numpy(), torch.softmax(logits / temperature, 1).numpy(), heatmaps.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def parity_inputs(trained_run):
         ckpt = checkpoint.load(trained_run / name / "best.pt")
         images, _ = validation_images(trained_run, checkpoint.preprocessing_of(ckpt))
         noise = np.random.default_rng(0).standard_normal((RANDOM_INPUTS, *images.shape[1:])).astype(np.float32)
-        out[name] = (checkpoint.rebuild_model(ckpt).eval(), noise, images)
+        out[name] = (checkpoint.rebuild_model(ckpt).eval(), noise, images, temperature_of(ckpt))
     return out
 
 
@@ -60,13 +63,13 @@ def outputs(predictor, x):
 @needs_openvino
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_openvino_fp32_has_the_exports_parity(exported_models, parity_inputs, name):
-    model, noise, images = parity_inputs[name]
+    model, noise, images, temperature = parity_inputs[name]
     predictor = Predictor(exported_models / f"{name}.onnx", engine="openvino", precision="fp32")
     for batch in (1, 7):  # a dynamic batch, as the export checks
         x = np.concatenate([noise, images])[:batch * 3]
         logits, probs, heatmaps = [np.concatenate(parts) for parts in zip(
             *[outputs(predictor, x[i:i + batch]) for i in range(0, len(x), batch)])]
-        ref = reference(model, x)
+        ref = reference(model, x, temperature)
         # Float32 for real: on a CPU with native bfloat16 OpenVINO's default would be bf16.
         assert np.abs(logits - ref[0]).max() <= MAX_LOGIT_DIFF
         assert np.abs(probs - ref[1]).max() <= MAX_PROB_DIFF
@@ -78,13 +81,13 @@ def test_openvino_fp32_has_the_exports_parity(exported_models, parity_inputs, na
 @needs_bf16
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_openvino_bf16_stays_within_its_stated_tolerance(exported_models, parity_inputs, name):
-    model, noise, images = parity_inputs[name]
+    model, noise, images, temperature = parity_inputs[name]
     assert len(images)
     predictor = Predictor(exported_models / f"{name}.onnx", engine="openvino", precision="bf16")
     assert predictor.precision == "bf16" and predictor.file_precision == "fp32"
     x = np.concatenate([noise, images])
     logits, probs, heatmaps = outputs(predictor, x)
-    ref_logits, ref_probs, ref_heatmaps = reference(model, x)
+    ref_logits, ref_probs, ref_heatmaps = reference(model, x, temperature)
     diff = np.abs(logits - ref_logits).max()
     assert 1e-5 < diff <= BF16_MAX_LOGIT_DIFF  # bfloat16 for real (float32 would be ~1e-6)
     assert np.abs(probs - ref_probs).max() <= MAX_PROBABILITY_DIFF

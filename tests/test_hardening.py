@@ -292,9 +292,9 @@ def test_floors_exclude_the_known_advisories_and_the_lock_meets_them():
 def test_the_decode_cost_estimate_bounds_the_measured_peak_of_every_kind(tmp_path):
     from benchmarks.decode_memory import KINDS, measure
 
-    for kind in KINDS:  # 4 M pixels: Pillow's working memory is per pixel, so the ratio holds
-        row = measure(kind, tmp_path, 4_000_000)
-        assert row["peak_bytes"] <= row["predicted_bytes"], row
+    for kind in KINDS:  # per pixel, plus a few MB that any decode takes (buffers, allocator arenas)
+        row = measure(kind, tmp_path, 8_000_000)
+        assert row["peak_bytes"] <= row["predicted_bytes"] + 8 * 2**20, row
 
 
 def test_what_would_take_too_much_memory_is_refused_from_the_header(tmp_path):
