@@ -82,11 +82,10 @@ class ServedModel:
     @classmethod
     def of(cls, predictor: Predictor) -> "ServedModel":
         def tensors(args) -> list[Tensor]:
-            return [Tensor(a.name, datatype_of(a.type) or a.type, shape_of(a.shape)) for a in args]
+            return [Tensor(name, datatype_of(kind) or kind, shape_of(shape)) for name, kind, shape in args]
 
-        session = predictor.session
-        return cls(model_name(predictor.path), predictor, tensors(session.get_inputs()),
-                   tensors(session.get_outputs()))
+        inputs, outputs = predictor.signature  # the file's, whichever engine runs it
+        return cls(model_name(predictor.path), predictor, tensors(inputs), tensors(outputs))
 
     @property
     def values_per_image(self) -> int:

@@ -112,10 +112,18 @@ class OnnxRuntimeEngine:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # (name, ONNX Runtime type, shape with -1 for an open dimension) of each input and output
+        self.signature = tuple([(a.name, a.type, [d if isinstance(d, int) else -1 for d in a.shape])
+                                for a in args] for args in (self.session.get_inputs(), self.session.get_outputs()))
 
     def run(self, output_names: list[str], batch: np.ndarray,
             run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
         return self.session.run(output_names, {self.input_name: batch}, run_options)
+
+
+OPENVINO_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "f64": "tensor(double)",
+                  "i64": "tensor(int64)", "i32": "tensor(int32)", "i8": "tensor(int8)",
+                  "u8": "tensor(uint8)", "boolean": "tensor(bool)"}
 
 
 class OpenVinoEngine:
@@ -135,6 +143,10 @@ class OpenVinoEngine:
                 self.metadata[key] = model.get_rt_info(["framework", key]).astype(str)
         self.input_name = model.inputs[0].get_any_name()
         self.output_names = [o.get_any_name() for o in model.outputs]
+        # The ONNX file's own tensors, written as ONNX Runtime names their types.
+        self.signature = tuple([(t.get_any_name(), OPENVINO_TYPES.get(t.get_element_type().get_type_name(), "?"),
+                                 [d.get_length() if d.is_static else -1 for d in t.get_partial_shape()])
+                                for t in tensors] for tensors in (model.inputs, model.outputs))
         self.compiled = core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "INFERENCE_NUM_THREADS": threads or usable_logical_cpus(),
@@ -217,6 +229,12 @@ class Predictor:
     def session(self):
         """The ONNX Runtime session (ONNX Runtime engine only)."""
         return self.backend.session
+
+    @property
+    def signature(self) -> tuple[list, list]:
+        """(inputs, outputs) of the ONNX file, each (name, ONNX Runtime type, shape with -1 for
+        an open dimension), whichever engine runs it."""
+        return self.backend.signature
 
     @property
     def output_names(self) -> list[str]:

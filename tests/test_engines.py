@@ -129,6 +129,7 @@ def test_run_is_the_same_call_on_every_engine(exported_models):
     ov = Predictor(path, engine="openvino", precision="fp32")
     assert ov.metadata == ort.metadata and ov.class_names == ort.class_names
     assert ov.preprocessing == ort.preprocessing and ov.output_names == ort.output_names
+    assert ov.signature == ort.signature  # what the inference protocol describes, on either engine
     x1, x2 = (np.random.default_rng(s).standard_normal((2, 3, *ort.input_size)).astype(np.float32) for s in (1, 2))
     first = ov.run(["heatmaps", "probabilities"], x1)  # the order asked for, not the file's
     assert [o.shape for o in first] == [r.shape for r in ort.run(["heatmaps", "probabilities"], x1)]
