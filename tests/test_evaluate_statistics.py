@@ -35,9 +35,10 @@ def test_pairwise_tests_are_mcnemar_with_holm_and_the_comparison_sentence():
     assert first["sentence"].startswith("RESNET34 (fp32) beats PLAIN34 (fp32) by 35.0 points (95% CI ")
     assert "not training randomness" in first["sentence"] and "Holm-adjusted over 3 pairs" in first["sentence"]
     assert "cannot tell them apart" in pairs[2]["sentence"]  # 1 image of 100 between the twins
-    report = {"data": "d", "split": None, "images": 100, "unusable": [], "agreement": [], "int8_vs_fp32": [],
+    report = {"data": "d", "split": None, "images": 100, "unusable": [], "agreement": [], "int8_vs_fp32": [], "engines": [],
               "pairwise": pairs, "models": [
-                  {"display_name": m.display_name, "precision": m.precision, "accuracy": float(r.mean()),
+                  {"display_name": m.display_name, "engine": "onnxruntime", "precision": m.precision,
+                   "accuracy": float(r.mean()),
                    "accuracy_ci": [statistics.wilson(int(r.sum()), 100).low, statistics.wilson(int(r.sum()), 100).high],
                    "macro_f1": 0.5, "confusion_png": "c.png", "per_class": {}}
                   for m, r in zip(models, truth_right.values())]}
