@@ -139,12 +139,13 @@ def test_int8_predictions_close_to_fp32(trained_run, int8_export, name):
     fp32 = create_session(int8_export / f"{name}.onnx")
     int8 = create_session(int8_export / f"{name}.int8.onnx")
     on_images = compare_files(fp32, int8, images, labels)
-    probs32 = fp32.run(None, {INPUT_NAME: images})[1]
-    probs8 = int8.run(None, {INPUT_NAME: images})[1]
+    logits32, probs32 = fp32.run(None, {INPUT_NAME: images})[:2]
+    logits8, probs8 = int8.run(None, {INPUT_NAME: images})[:2]
     assert np.allclose(probs8.sum(1), 1, atol=1e-5)
-    # It is an integer model: its answers carry quantization error (a copy of the FP32 graph
-    # would match to the last bit) ...
-    assert np.abs(probs8 - probs32).max() > 1e-4
+    # It is an integer model: its logits carry quantization error (a copy of the FP32 graph
+    # would match to the last bit; the calibrated probabilities of a high-temperature model
+    # are nearly flat, so the logits are where it shows) ...
+    assert np.abs(logits8 - logits32).max() > 1e-4
     # ... and a small one. (A one-epoch model sits near ties, where any error flips the top
     # class: the agreement targets are checked on decisive models below.)
     assert np.abs(probs8 - probs32).mean() < 0.02
