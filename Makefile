@@ -29,6 +29,7 @@ serve: install
 test: install
 	scripts/install-test-tools
 	$(PY) -m pytest
+	$(PY) -m pytest tests/test_engines.py  # OpenVINO in-process: a pytest process of its own (tests/conftest.py)
 
 clean:
 	rm -rf runs models data .pytest_cache
