@@ -13,7 +13,6 @@ estimate the server refuses uploads by). Memory, not time: the figures do not de
 from __future__ import annotations
 
 import argparse
-import json
 import struct
 import subprocess
 import sys

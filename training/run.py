@@ -22,7 +22,6 @@ from training.engine import Precision
 from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
 from training.study import members
 from training.synthetic import ensure_builtin_dataset
-from training.engine import Precision
 from training.trainer import cache_dir_for, preprocessing_for, train_model, train_storage_for
 
 RUNS_DIR = Path("runs")
