@@ -12,7 +12,7 @@ and Gradio's routes do only what the page needs.
 - /gradio_api/file= and /gradio_api/file/ serve only files in the upload folder (uploads,
   the examples Gradio copied there, the page's pictures): Gradio would fetch a URL for anyone.
   /gradio_api/proxy= is closed.
-- The upload folder is kept under ``max_folder_bytes``, oldest files evicted first (the
+- The upload folder is kept under ``max_bytes`` and MAX_FOLDER_FILES, oldest files evicted first (the
   examples copied there at start are kept).
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ MAX_EVENT_BYTES = 1 << 20  # Gradio's event calls carry paths and settings, neve
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 SPOOL_BYTES = 1 << 20  # a body above this waits on disk, not in memory
 CHUNK = 64 * 1024
+MAX_FOLDER_FILES = 5000  # the upload folder's files at most (each trim walks them all)
 DEFAULT_BODY_SECONDS = 60.0  # a whole body must arrive within this (50 MB at 0.9 MB/s)
 
 
@@ -173,15 +174,16 @@ class UploadFolder:
                     continue
                 entries.append((stat.st_mtime, stat.st_size, path))
             total = sum(size for _, size, _ in entries)
-            freed = 0
+            freed, left = 0, len(entries)
             for _, size, path in sorted(entries, key=lambda e: e[0]):
-                if total - freed <= self.max_bytes:
+                # Bytes and count: many tiny files would make every later walk of the folder slow.
+                if total - freed <= self.max_bytes and left <= MAX_FOLDER_FILES:
                     break
                 if path in self.kept:
                     continue
                 try:
                     path.unlink()
-                    freed += size
+                    freed, left = freed + size, left - 1
                 except OSError:
                     pass
             if freed:

@@ -250,3 +250,20 @@ def test_connections_beyond_the_limit_get_503_and_slow_bodies_hold_no_slot(expor
         time.sleep(1)
         # None of them held the one classification slot: an image is classified at once.
         assert http.post("/api/v1/classify", files={"file": ("g.png", png())}).status_code == 200
+
+
+def test_the_upload_folder_keeps_few_enough_files_to_walk(tmp_path, monkeypatch):
+    import serve.guard as guard
+
+    monkeypatch.setattr(guard, "MAX_FOLDER_FILES", 10)
+    (tmp_path / "example.png").write_bytes(b"e")  # there at start: kept
+    folder = guard.UploadFolder(lambda: tmp_path, max_bytes=1 << 30)
+    for i in range(30):  # tiny files, far under the byte cap
+        path = tmp_path / f"u{i:02d}" / "f.png"
+        path.parent.mkdir()
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    folder.trim()
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert "example.png" in left and len(left) == 10
+    assert [p for p in left if p != "example.png"] == [f"u{i:02d}/f.png" for i in range(21, 30)]  # the newest
