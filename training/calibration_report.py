@@ -113,7 +113,9 @@ def render(record: dict, splits: list[str], member: Member) -> str:
         + which + " On few images the binned ECE is biased upwards: *ECE if calibrated* is the mean (and "
         "95th percentile) ECE of a perfectly calibrated model with the calibrated confidences on as many "
         "images (each right with probability equal to its confidence; consistency resampling), so an ECE "
-        "after within it is as good as these images can show.",
+        "after within it is as good as these images can show. The same bias shifts the bootstrap "
+        "resamples upwards, so an ECE interval can sit above its own estimate: compare ECEs with the "
+        "*ECE if calibrated* column, not with each other's intervals.",
         "", "![Reliability diagrams and risk-coverage curves](calibration.png)", "",
     ]
     for split in splits:
@@ -163,17 +165,30 @@ def render(record: dict, splits: list[str], member: Member) -> str:
 def sentence(m: dict, split: str) -> str:
     s = m["splits"][split]
     before, after = s["before"]["ece"]["value"], s["after"]["ece"]["value"]
+    floor = s["ece_if_calibrated"]
     gap = s["mean_confidence_before"] - s["accuracy"]
     lean = "overconfident" if gap > 0.02 else "underconfident" if gap < -0.02 else "about as confident as right"
+    verdict = ("as calibrated as these images can show" if after <= floor["p95"] else
+               "still above what a calibrated model shows on them")
     text = (f"{m['display_name']}: raw probabilities {lean} on {TITLES[split]} (mean confidence "
             f"{s['mean_confidence_before']:.2f} at accuracy {s['accuracy']:.2f}); T = {m['temperature']:.2f} "
-            f"takes ECE from {before:.3f} to {after:.3f} (a calibrated model would show "
-            f"{s['ece_if_calibrated']['mean']:.3f} on these {s['images']} images), NLL from "
-            f"{s['before']['nll']['value']:.3f} to {s['after']['nll']['value']:.3f}.")
+            f"takes ECE from {before:.3f} to {after:.3f}, {verdict} (a calibrated model would show "
+            f"{floor['mean']:.3f}, at most {floor['p95']:.3f} in 95% of draws, on these {s['images']} "
+            f"images), NLL from {s['before']['nll']['value']:.3f} to {s['after']['nll']['value']:.3f}.")
     if "ood" in m:
-        o = m["ood"]
-        text += (f" Unsure on {o['unsure_share']:.0%} of the out-of-distribution images (AUROC "
-                 f"{_ci(o['auroc'], 2)}).")
+        o, auroc = m["ood"], m["ood"]["auroc"]
+        if auroc["low"] is None:
+            tells = ""
+        elif auroc["low"] > 0.5:
+            tells = ", better than chance at telling them from the test images"
+        elif auroc["high"] < 0.5:
+            tells = ": it is more confident on them than on the test images"
+        else:
+            tells = ": its confidence cannot tell them from the test images"
+        unsure_inside = 1 - m["splits"][o["in_distribution_split"]]["kept_at_threshold"]["coverage"]
+        text += (f" Unsure on {o['unsure_share']:.0%} of the out-of-distribution images and on "
+                 f"{unsure_inside:.0%} of the {TITLES[o['in_distribution_split']]} images (AUROC "
+                 f"{_ci(auroc, 2)}{tells}).")
     return text
 
 
@@ -187,14 +202,18 @@ def plot(path: Path, record: dict, split: str) -> None:
         s = m["splits"][split]
         for when, style, label in (("before", "o--", "before (T = 1)"), ("after", "s-", f"after (T = {m['temperature']:.2f})")):
             bins = [b for b in s[when]["reliability"] if b["count"]]
-            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style,
-                    color="grey" if when == "before" else "C0",
-                    label=f"{label}, ECE {s[when]['ece']['value']:.3f}")
+            x, y = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+            color = "grey" if when == "before" else "C0"
+            ax.plot(x, y, style[1:], color=color, label=f"{label}, ECE {s[when]['ece']['value']:.3f}")
+            # Marker area by the bin's share of the images: a bin of one image is right or wrong, 0 or 1.
+            ax.scatter(x, y, s=[4 + 400 * b["count"] / s["images"] for b in bins], marker=style[0],
+                       color=color, zorder=3)
         ax.plot([0, 1], [0, 1], ":", color="black", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (mean of bin)", ylabel="accuracy",
                title=f"{m['display_name']} ({TITLES[split]})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right", title="marker area: the bin's share of images",
+                  title_fontsize=7)
         target = m["abstain"]["target_accuracy"]
     ax = axes[-1]
     for i, m in enumerate(models.values()):
@@ -208,7 +227,7 @@ def plot(path: Path, record: dict, split: str) -> None:
     ax.set(xlim=(0, 1.02), xlabel="coverage (share of images kept)", ylabel="accuracy of the kept",
            title=f"Risk-coverage ({TITLES[split]}; dots: the thresholds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     save_figure(fig, path)
 
