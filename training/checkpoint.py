@@ -36,13 +36,18 @@ def save(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def load(path: Path) -> dict:
+def read_weights_file(path: Path, what: str = "checkpoint"):
+    """``torch.load`` of tensors only (no code runs), its failures as one line naming ``what``."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint '{path}' does not exist") from None
+        raise CheckpointError(f"{what} '{path}' does not exist") from None
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint '{path}': {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read {what} '{path}': {str(exc).splitlines()[0]}") from None
+
+
+def load(path: Path) -> dict:
+    ckpt = read_weights_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"'{path}' is not a checkpoint of this project")
     return ckpt

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, read_weights_file
 from training.models import create_model
 
 # Below this share of the model's backbone tensors, the file is not a ResNet-34 state dict.
@@ -19,12 +19,7 @@ MIN_MATCHED_SHARE = 0.5
 
 
 def _read_state_dict(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"init weights file '{path}' does not exist") from None
-    except Exception as exc:
-        raise CheckpointError(f"cannot read init weights '{path}': {str(exc).splitlines()[0]}") from None
+    state = read_weights_file(path, "init weights file")
     for key in ("state_dict", "model_state", "model"):  # common wrappers around a state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
