@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import model_names, RESULTS_DIR, command_line, machine, markdown_table, write_json
+from common.datasets import DataError, index_image_folder
 from training import distributed
 from training.config import QUICK_PROFILE, ConfigError, TrainConfig, make_config
-from training.data import DataError, index_image_folder, prepare_data
+from training.data import prepare_data
 from training.engine import Precision, train_one_epoch
 from training.models import create_model
 from training.recipe import build_optimization

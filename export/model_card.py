@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from common.files import write_text
+from common.metrics import macro_f1
 
 LICENSE = "apache-2.0"
 
@@ -21,8 +22,12 @@ def _report(run_dir: Path, name: str, training_run: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _macro_f1(per_class: dict | None) -> float | None:
-    return sum(c["f1"] for c in per_class.values()) / len(per_class) if per_class else None
+def _macro_f1(report: dict) -> float | None:
+    """The validation macro-F1 the trainer stored; for reports from before it stored one,
+    computed from the per-class figures by the same rule."""
+    if report.get("val_macro_f1") is not None:
+        return report["val_macro_f1"]
+    return macro_f1(report["per_class"]) if report.get("per_class") else None
 
 
 def _pct(value) -> str:
@@ -35,7 +40,7 @@ def front_matter(entries: list[dict], reports: dict[str, dict], dataset: str) ->
         report = reports.get(entry["name"], {})
         metrics = [{"type": "accuracy", "name": f"{split} accuracy", "value": round(report[f"{split}_accuracy"], 4)}
                    for split in ("val", "test") if report.get(f"{split}_accuracy") is not None]
-        f1 = _macro_f1(report.get("per_class"))
+        f1 = _macro_f1(report)
         if f1 is not None:
             metrics.append({"type": "f1", "name": "val macro-F1", "value": round(f1, 4)})
         model_index.append({"name": f"{entry['display_name']} ({entry['precision']})", "results": [{
@@ -115,7 +120,7 @@ def render(manifest: dict, run_dir: Path) -> str:
                     f" ({fidelity['decisive_agreement']:.1%} on decisive images)")
                  if fidelity.get("images") else "–")
         lines.append(f"| `{e['file']}` | {e['display_name']} | {e['precision']} | {e['training_run']} | "
-                     f"{_pct(report.get('val_accuracy'))} | {_pct(_macro_f1(report.get('per_class')))} | "
+                     f"{_pct(report.get('val_accuracy'))} | {_pct(_macro_f1(report))} | "
                      f"{_pct(report.get('test_accuracy'))} | {check} | {e['size_bytes'] / 1e6:.1f} MB |")
     lines += [
         "", "Metrics are those of each model's best epoch (lowest validation loss); the test "

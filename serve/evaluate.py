@@ -25,15 +25,15 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 import imaging
-from common import statistics
+from common import datasets, statistics
+from common.confusion_image import draw_confusion
 from common.errors import UserError, run_cli
-from common.files import atomic_write, write_json, write_text
+from common.files import write_json, write_text
+from common.metrics import confusion_matrix, macro_f1, per_class_metrics
 from serve.batch import Progress, classify_files, default_batch_size, default_workers, model_key
 from serve.catalog import ENGINE_CHOICES, PRECISIONS, CatalogError, candidate_pairs, load_catalog
-from serve.dataset import SPLITS, index_csv, index_folder
 from serve.predict import positive_int
 
 
@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("data", metavar="DATA",
                         help="ImageFolder root, or with --labels-csv the folder its file names are in")
     parser.add_argument("--labels-csv", help="CSV with columns filename,label")
-    parser.add_argument("--split", choices=SPLITS,
-                        help="pre-made split folder to use (default: test, else val, if made)")
+    parser.add_argument("--split", choices=datasets.SPLITS,
+                        help="pre-made split folder to use (default: test, else val, else train, if made)")
     parser.add_argument("--models", default="models", help="folder with manifest.json (default: models)")
     parser.add_argument("--engine", choices=(*ENGINE_CHOICES, "all"),
                         default=os.environ.get("RESNET_TRIO_ENGINE", "auto"),
@@ -95,78 +95,51 @@ def safe_pairs(precision: str) -> list[tuple[str, str]]:
         return []
 
 
+def labelled_images(data: Path, labels_csv: str | None, split: str | None) -> tuple[datasets.DatasetIndex, str | None]:
+    """The images to evaluate and the pre-made split they are (None: a CSV or a folder without
+    splits). ``split`` picks one; by default the held-out one: test, else val, else train."""
+    if labels_csv:
+        return datasets.index_csv(Path(labels_csv), data), None
+    premade = datasets.premade_splits(data)
+    if split is None and premade:
+        split = next(s for s in ("test", "val", "train") if s in premade)
+    if split is None:
+        return datasets.index_class_folders(data), None
+    if split not in premade:
+        raise UserError(f"no '{split}' folder in '{data}'"
+                        + (f" (found: {', '.join(premade)})" if premade else ""))
+    return datasets.index_class_folders(data / split), split
+
+
 def metrics(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy, macro-F1 over the classes present, per-class figures, the confusion matrix."""
-    n = len(class_names)
-    confusion = np.zeros((n, n), np.int64)
-    np.add.at(confusion, (truth, predicted), 1)
-    per_class, f1s = {}, []
-    for k, name in enumerate(class_names):
-        tp, support, claimed = confusion[k, k], confusion[k].sum(), confusion[:, k].sum()
-        precision = tp / claimed if claimed else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        if support:
-            f1s.append(f1)
-            per_class[name] = {"precision": float(precision), "recall": float(recall),
-                               "f1": float(f1), "support": int(support)}
-    return {"accuracy": float((truth == predicted).mean()), "macro_f1": float(np.mean(f1s)),
-            "per_class": per_class, "confusion": confusion.tolist()}
-
-
-def draw_confusion(confusion: list[list[int]], class_names: list[str], title: str, path: Path) -> None:
-    """Rows: true class, columns: predicted; darker is more (drawn with Pillow alone)."""
-    matrix = np.asarray(confusion)
-    font = ImageFont.load_default(size=14)
-    cell = 56
-    label_width = max(int(font.getlength(c)) for c in class_names) + 16
-    left, top = label_width + 24, 64
-    size = (left + cell * len(class_names) + 16, top + cell * len(class_names) + label_width + 24)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 8), title, fill="black", font=font)
-    draw.text((left, top - 22), "predicted ->", fill="black", font=font)
-    row_totals = matrix.sum(1, keepdims=True).clip(min=1)
-    for i, name in enumerate(class_names):
-        draw.text((8, top + i * cell + cell // 2 - 8), name, fill="black", font=font)
-        for j in range(len(class_names)):
-            share = matrix[i, j] / row_totals[i, 0]
-            shade = int(255 - 200 * share)
-            box = (left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2)
-            draw.rectangle(box, fill=(shade, shade, 255))
-            text = str(matrix[i, j])
-            draw.text((box[0] + (cell - font.getlength(text)) / 2, box[1] + cell / 2 - 9), text,
-                      fill="white" if share > 0.6 else "black", font=font)
-    columns = Image.new("RGB", (label_width, cell * len(class_names)), "white")
-    column_draw = ImageDraw.Draw(columns)
-    for j, name in enumerate(class_names):
-        column_draw.text((4, j * cell + cell // 2 - 8), name, fill="black", font=font)
-    image.paste(columns.rotate(90, expand=True), (left, top + cell * len(class_names) + 8))
-    with atomic_write(path) as tmp:
-        image.save(tmp, "PNG")
+    """Accuracy, macro-F1 (over the classes present), the figures of each class present, the
+    confusion matrix."""
+    confusion = confusion_matrix(truth, predicted, len(class_names))
+    per_class = per_class_metrics(confusion, class_names)
+    return {"accuracy": float((truth == predicted).mean()), "macro_f1": macro_f1(per_class),
+            "per_class": {name: figures for name, figures in per_class.items() if figures["support"]},
+            "confusion": confusion.tolist()}
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    data = Path(args.data)
-    if args.labels_csv:
-        labelled = index_csv(Path(args.labels_csv), data)
-    else:
-        labelled = index_folder(data, args.split)
+    labelled, split = labelled_images(Path(args.data), args.labels_csv, args.split)
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     predictors = load_models(args.models, args.precision, args.engine)
     class_names = predictors[0].class_names
-    unknown = sorted(set(labelled.class_names) - set(class_names))
+    samples = labelled.splits["all"]
+    label_of = {s.path: labelled.class_names[s.label] for s in samples}
+    unknown = sorted(set(label_of.values()) - set(class_names))
     if unknown:
         raise UserError(f"label(s) {', '.join(unknown)} in '{labelled.where}' are not classes of the "
                         f"models ({', '.join(class_names)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    label_of = dict(labelled.samples)
-    paths = [path for path, _ in labelled.samples]
+    paths = [s.path for s in samples]
     print(f"Evaluating {', '.join(f'{p.display_name} {p.engine} {p.precision}' for p in predictors)} on "
           f"{len(paths)} image(s) of {labelled.where}", file=sys.stderr, flush=True)
-    used, predicted, failures = [], {model_key(p): [] for p in predictors}, list(labelled.missing)
+    used, predicted = [], {model_key(p): [] for p in predictors}
+    failures = [(bad["path"], bad["reason"]) for bad in labelled.bad_files]
     progress = Progress(len(paths))
     for batch in classify_files(paths, predictors, args.batch_size, args.workers,
                                 imaging.SERVING_MAX_PIXELS, progress):
@@ -178,7 +151,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if not used:
         raise UserError(f"none of the {len(paths)} image(s) in '{labelled.where}' could be used")
     truth = np.array([class_names.index(label_of[p]) for p in used])
-    report = {"data": labelled.where, "split": labelled.split, "images": len(used),
+    report = {"data": labelled.where, "split": split, "images": len(used),
               "class_names": class_names, "unusable": [{"path": p, "reason": r} for p, r in failures],
               "models": [], "agreement": [], "int8_vs_fp32": [], "engines": []}
     for p in predictors:
@@ -189,9 +162,8 @@ def evaluate(args: argparse.Namespace) -> int:
                   "confusion_png": f"confusion_{key}.png"}
         interval = statistics.wilson(int((np.array(predicted[key]) == truth).sum()), len(truth))
         result["accuracy_ci"] = [interval.low, interval.high]
-        draw_confusion(result["confusion"], class_names,
-                       f"{p.display_name} ({p.engine} {p.precision}): accuracy {result['accuracy']:.1%}",
-                       out / result["confusion_png"])
+        draw_confusion(out / result["confusion_png"], result["confusion"], class_names,
+                       f"{p.display_name} ({p.engine} {p.precision}): accuracy {result['accuracy']:.1%}")
         report["models"].append(result)
     for a, b in combinations(predictors, 2):
         agree = float(np.mean(np.array(predicted[model_key(a)]) == np.array(predicted[model_key(b)])))

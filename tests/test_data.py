@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from common.datasets import DataError, Sample, index_csv, index_image_folder
 from conftest import TINY_SIZE, run_python
-from training.data import (
-    DataError, Sample, index_csv, index_image_folder, prepare_data, stratified_split,
-)
+from training.data import prepare_data, stratified_split
 from imaging.preprocessing import Preprocessing
 from training.synthetic import BROKEN_FILES, CLASSES
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 import torchvision
 
+from common import metrics
 from conftest import ROOT, TINY_SIZE, run_python
 from imaging.preprocessing import Preprocessing
-from training import checkpoint, reports
+from training import checkpoint
 from training.config import TrainConfig
 from training.data import SplitImages
 from training.distributed import World
@@ -125,8 +126,8 @@ def test_validation_metrics_cover_the_whole_split(ddp_run, name):
         assert loss == pytest.approx(whole.loss, rel=1e-5)
         assert accuracy == pytest.approx(whole.accuracy, abs=1e-9)
     assert sum(c["support"] for c in report["per_class"].values()) == len(split)
-    matrix = reports.confusion_matrix(whole.labels, whole.predictions, len(report["class_names"]))
-    assert report["per_class"] == reports.per_class_metrics(matrix, report["class_names"])
+    matrix = metrics.confusion_matrix(whole.labels, whole.predictions, len(report["class_names"]))
+    assert report["per_class"] == metrics.per_class_metrics(matrix, report["class_names"])
 
     # So does the last epoch's row with last.pt: after full DDP training steps, every rank
     # evaluated its shard with the model rank 0 saved (same BatchNorm statistics).

@@ -226,6 +226,7 @@ def test_model_card_is_generated_from_the_manifest_and_reports(trained_run, expo
         report = json.loads((trained_run / entry["name"] / "report.json").read_text())
         metrics = {m["name"]: m["value"] for m in indexed["results"][0]["metrics"]}
         assert metrics["val accuracy"] == pytest.approx(report["val_accuracy"], abs=1e-4)
+        assert metrics["val macro-F1"] == pytest.approx(report["val_macro_f1"], abs=1e-4)  # as the trainer stored it
         assert f"`{entry['file']}`" in body and f"{report['val_accuracy']:.1%}" in body
         assert f"{entry['parity']['max_abs_logit_diff']:.1e}" in body
     assert ", ".join(f"`{c}`" for c in manifest["models"][0]["class_names"]) in body

@@ -1,129 +1,25 @@
-"""Datasets: find the images, check every file once, split, and serve augmented batches.
+"""Datasets for training: check every file once, split, and serve augmented batches.
 
-Layouts:
-- ImageFolder: ``root/<class>/<images>``, or ``root/{train,val[,test]}/<class>/<images>``
-  for splits made in advance (used as given; a lone ``train/`` is split like ``root``);
-- CSV: ``--labels-csv FILE`` with columns ``filename,label`` and ``--data IMAGE_DIR``.
-
-Every file is decoded once, before training (``decode_all``): unusable files are skipped and
-reported, and the decoded, resized uint8 images are kept in a cache on disk (or in memory with
-``--no-cache``; see ``training.image_cache``), so each epoch only draws its random augmentation
-from them.
+The layouts (ImageFolder, pre-made splits, CSV) are indexed by common.datasets, the same
+indexer serve.evaluate uses. Every file is decoded once, before training (``decode_all``):
+unusable files are skipped and reported, and the decoded, resized uint8 images are kept in a
+cache on disk (or in memory with ``--no-cache``; see ``training.image_cache``), so each epoch
+only draws its random augmentation from them.
 """
 from __future__ import annotations
 
-import csv
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.cpu import usable_logical_cpus
-from common.errors import UserError
-from common.files import class_folders, files_under
+from common.datasets import DataError, DatasetIndex, Sample
 from imaging.preprocessing import Preprocessing
 from training.image_cache import DecodeWork, ImageRows, decode_files
-
-SPLITS = ("train", "val", "test")
-
-
-class DataError(UserError):
-    """A problem with the user's data, reported as one line without a traceback."""
-
-
-@dataclass
-class Sample:
-    path: str
-    label: int
-
-
-@dataclass
-class DatasetIndex:
-    """Which files belong to which class and split, before any file is opened."""
-
-    class_names: list[str]
-    splits: dict[str, list[Sample]]  # pre-made splits, or everything under "all"
-    bad_files: list[dict] = field(default_factory=list)  # e.g. CSV rows naming missing files
-
-    @property
-    def presplit(self) -> bool:
-        return "all" not in self.splits
-
-
-def index_image_folder(root: Path) -> DatasetIndex:
-    if not root.is_dir():
-        raise DataError(f"data folder '{root}' does not exist")
-    premade = [s for s in SPLITS if (root / s).is_dir()]
-    if premade == ["train"]:  # train/ alone: its classes, with validation split off as usual
-        root, premade = root / "train", []
-    if "train" in premade:
-        class_names = [p.name for p in class_folders(root / "train")]
-        splits = {}
-        for split in premade:
-            names = [p.name for p in class_folders(root / split)]
-            unknown = sorted(set(names) - set(class_names))
-            if unknown:
-                raise DataError(
-                    f"unknown label(s) {', '.join(unknown)} in '{root / split}': "
-                    f"not a class folder of '{root / 'train'}'"
-                )
-            splits[split] = [
-                Sample(str(f), class_names.index(name))
-                for name in names for f in files_under(root / split / name)
-            ]
-    else:
-        class_names = [p.name for p in class_folders(root)]
-        splits = {"all": [
-            Sample(str(f), label)
-            for label, name in enumerate(class_names) for f in files_under(root / name)
-        ]}
-    index = DatasetIndex(class_names, splits)
-    _check_classes(index, root)
-    return index
-
-
-def index_csv(csv_path: Path, image_dir: Path) -> DatasetIndex:
-    if not csv_path.is_file():
-        raise DataError(f"labels CSV '{csv_path}' does not exist")
-    if not image_dir.is_dir():
-        raise DataError(f"image folder '{image_dir}' does not exist")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        if "filename" not in header or "label" not in header:
-            raise DataError(
-                f"'{csv_path}' needs a header with columns filename,label (found: {','.join(header)})"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    bad, entries = [], []
-    for line, row in enumerate(rows, start=2):
-        if not row["label"]:
-            raise DataError(f"'{csv_path}' line {line}: unknown label (empty) for '{row['filename']}'")
-        path = image_dir / row["filename"]
-        if not path.is_file():
-            bad.append({"path": str(path), "reason": f"listed in {csv_path.name} line {line} but missing"})
-            continue
-        entries.append((str(path), row["label"]))
-    class_names = sorted({label for _, label in entries})
-    index = DatasetIndex(
-        class_names,
-        {"all": [Sample(path, class_names.index(label)) for path, label in entries]},
-        bad,
-    )
-    _check_classes(index, csv_path)
-    return index
-
-
-def _check_classes(index: DatasetIndex, where: Path) -> None:
-    if not any(index.splits.values()):
-        missing = f" ({len(index.bad_files)} listed files are missing)" if index.bad_files else ""
-        raise DataError(f"no images found in '{where}'{missing}; expected <class>/<image> files")
-    if len(index.class_names) < 2:
-        only = index.class_names[0] if index.class_names else "none"
-        raise DataError(f"only one class ({only}) in '{where}'; a classifier needs at least two")
 
 
 def decode_all(samples: list[Sample], specs: list[Preprocessing], processes: int | None = None,
@@ -210,6 +106,9 @@ def prepare_data(index: DatasetIndex, preprocessing: Preprocessing, val_fraction
     ``train_storage``'s (the larger copies crops are cut from). ``cache_dir``: the decoded-image
     cache (None: in memory). ``require_val=False``: a premade train/ (+ test/) without val/ is
     fine (cross-validation makes its own folds)."""
+    if len(index.class_names) < 2:  # training's rule; evaluating one class is fine (common.datasets)
+        only = index.class_names[0] if index.class_names else "none"
+        raise DataError(f"only one class ({only}) in '{index.where}'; a classifier needs at least two")
     bad = list(index.bad_files)
     decoded, work = {}, DecodeWork(Path(cache_dir) if cache_dir is not None else None)
     for name, samples in index.splits.items():

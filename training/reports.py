@@ -1,4 +1,5 @@
-"""What a run leaves for people: metric tables, curves, confusion matrices, the comparison."""
+"""What a run leaves for people: the history table, curves, per-image predictions and logits
+(the metrics and the confusion-matrix picture: common.metrics, common.confusion_image)."""
 from __future__ import annotations
 
 import csv
@@ -45,28 +46,6 @@ def plot_curves(path: Path, history: list[dict], title: str, best_epoch: int) ->
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
-    return matrix
-
-
-def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> dict:
-    out = {}
-    for i, name in enumerate(class_names):
-        tp = int(matrix[i, i])
-        predicted, support = int(matrix[:, i].sum()), int(matrix[i].sum())
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    return out
-
-
-def macro_f1(per_class: dict) -> float:
-    return float(np.mean([c["f1"] for c in per_class.values()]))
 
 
 PREDICTION_COLUMNS = ("split", "path", "label", "predicted")
@@ -117,20 +96,3 @@ def read_logits(path: Path, class_names: list[str]) -> dict[str, dict]:
 def read_predictions(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-def plot_confusion(path: Path, matrix: np.ndarray, class_names: list[str], title: str) -> None:
-    size = max(4.0, 0.6 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center",
-                color="white" if value > threshold else "black")
-    ax.set_title(title)
-    fig.tight_layout()
-    save_figure(fig, path)

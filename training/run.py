@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from common.cpu import usable_logical_cpus
+from common.datasets import index_csv, index_image_folder
 from common.errors import run_cli
 from common.files import write_json
 from training import calibrate, distributed, transfer
@@ -19,7 +20,7 @@ from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_
 from training.attention import write_heatmaps
 from training.comparison import write_comparison
 from training.engine import Precision
-from training.data import cross_validation_folds, index_csv, index_image_folder, prepare_data
+from training.data import cross_validation_folds, prepare_data
 from training.study import members
 from training.synthetic import ensure_builtin_dataset
 from training.trainer import cache_dir_for, preprocessing_for, train_model, train_storage_for

@@ -17,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common import metrics
+from common.confusion_image import draw_confusion
 from common.cpu import usable_logical_cpus
 from common.errors import Failure
 from common.files import write_json
@@ -288,10 +290,10 @@ def final_report(run: ModelRun) -> dict:
             continue
         result = evaluations[split] = evaluate(run.model, run.data.splits[split], run.optimization.criterion,
                                                transform, run.precision, run.device, run.world)
-        matrix = reports.confusion_matrix(result.labels, result.predictions, len(run.data.class_names))
-        per_class = reports.per_class_metrics(matrix, run.data.class_names)
+        matrix = metrics.confusion_matrix(result.labels, result.predictions, len(run.data.class_names))
+        per_class = metrics.per_class_metrics(matrix, run.data.class_names)
         report[f"{split}_loss"], report[f"{split}_accuracy"] = result.loss, result.accuracy
-        report[f"{split}_macro_f1"] = reports.macro_f1(per_class)
+        report[f"{split}_macro_f1"] = metrics.macro_f1(per_class)
         report["per_class" if split == "val" else "test_per_class"] = per_class
         if split == "val":
             val_matrix = matrix
@@ -320,8 +322,8 @@ def final_report(run: ModelRun) -> dict:
             run.data.class_names)
         print(f"{run.display}: {calibrate.describe(record)}", flush=True)
         reports.plot_curves(folder / "curves.png", run.history, run.display, report["best_epoch"])
-        reports.plot_confusion(folder / "confusion.png", val_matrix, run.data.class_names,
-                               f"{run.display}: validation, best epoch {report['best_epoch']}")
+        draw_confusion(folder / "confusion.png", val_matrix, run.data.class_names,
+                       f"{run.display}: validation, best epoch {report['best_epoch']}")
         write_json(folder / "report.json", report)
     return report
 
