@@ -85,3 +85,24 @@ def test_relative_links_point_to_files_that_exist():
             if not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, "links to missing files: " + ", ".join(broken)
+
+
+PACKAGES = ("imaging", "common", "training", "export", "serve")
+
+
+def test_code_map_names_every_module_and_only_those():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Code map"):]
+    section = section[:section.index("\n## ", 1)]
+    named, package = {}, None
+    for line in section.splitlines():
+        top = re.match(r"- `(\w+)/`", line)
+        if top:
+            package = top.group(1)
+        elif package in PACKAGES:
+            named.setdefault(package, set()).update(re.findall(r"`(\w+\.py)`", line))
+    for package in PACKAGES:
+        files = {p.name for p in (ROOT / package).glob("*.py")}
+        listed = named.get(package, set())
+        assert listed - files == set(), f"the code map names {package}/ modules that do not exist"
+        assert files - {"__init__.py"} - listed == set(), f"the code map misses {package}/ modules"
