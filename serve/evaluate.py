@@ -1,6 +1,6 @@
 """``python -m serve.evaluate``: how good are the exported models on labelled images?
 
-    python -m serve.evaluate data/                       # ImageFolder (its test/ or val/ split if made)
+    python -m serve.evaluate data/                       # ImageFolder (its test/, else val/, else train/ split if made)
     python -m serve.evaluate images/ --labels-csv labels.csv --out eval/
     python -m serve.evaluate data/ --split val --precision int8
     python -m serve.evaluate data/ --engine all --precision all   # every engine side by side
