@@ -29,6 +29,7 @@ import torch
 from benchmarks.common import (RESULTS_DIR, command_line, interleaved, machine, markdown_table,
                                median_ms, write_json)
 from common.files import sha256_of
+from common.run_layout import RUNS_DIR, RunLayout, newest_run
 from export.onnx_export import INPUT_NAME, export_model, metadata_for
 from export.fidelity import compare_files
 from export.quantize import quantize_file
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_weights(name: str, run_dir: Path | None, size: int) -> tuple[dict, str]:
     """A checkpoint dict (at ``size`` px: convolution weights fit any size) and its sha256."""
     if run_dir is not None:
-        path = run_dir / name / "best.pt"
+        path = RunLayout(run_dir).model_files(name).best_checkpoint
         ckpt, sha = checkpoint.load(path), sha256_of(path)
     else:
         from training.synthetic import CLASSES
@@ -207,14 +208,14 @@ def main(argv=None) -> int:
             print(f"error: run folder '{run_dir}' does not exist", file=sys.stderr)
             return 1
     elif not args.untrained:
-        from training.run import RUNS_DIR, newest_run
         try:
             run_dir = newest_run(RUNS_DIR)
         except Exception:
             run_dir = None
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [n for n in names if n not in MODEL_NAMES]
-    missing = [n for n in names if run_dir is not None and not (run_dir / n / "best.pt").is_file()]
+    missing = [n for n in names
+               if run_dir is not None and not RunLayout(run_dir).model_files(n).best_checkpoint.is_file()]
     if unknown or missing or not names:
         print(f"error: unknown model(s) {', '.join(unknown)}" if unknown else
               f"error: no best.pt for {', '.join(missing) or 'any model'} in '{run_dir}'", file=sys.stderr)

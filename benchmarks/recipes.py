@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import model_names, RESULTS_DIR, command_line, machine, markdown_table, write_json
+from common.run_layout import RunLayout
 from training.config import ORIGINAL, QUICK_PROFILE
 from training.run import main as train_main
 from training.study import run_members
@@ -67,7 +68,7 @@ def collect(run_dir: Path, names: list[str]) -> dict:
     """Per model: the mean over its runs (seeds) of what the comparison needs, and each run's."""
     out = {}
     for name in names:
-        reports = [json.loads((member.folder(run_dir, name) / "report.json").read_text())
+        reports = [json.loads(RunLayout(run_dir).member_files(name, member).report.read_text())
                    for member in run_members(run_dir)]
         keys = ("val_accuracy", "test_accuracy", "best_epoch", "epochs_run", "seconds")
         out[name] = {key: statistics.mean(r[key] for r in reports) for key in keys if key in reports[0]}

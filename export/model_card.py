@@ -12,13 +12,13 @@ import yaml
 
 from common.files import write_text
 from common.metrics import macro_f1
+from common.run_layout import RunLayout
 
 LICENSE = "apache-2.0"
 
 
 def _report(run_dir: Path, name: str, training_run: str) -> dict:
-    folder = run_dir / name if training_run == "single" else run_dir / name / training_run
-    path = folder / "report.json"
+    path = RunLayout(run_dir).model_files(name, training_run).report
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -95,7 +95,7 @@ def calibration_lines(entries: list[dict]) -> list[str]:
 def render(manifest: dict, run_dir: Path) -> str:
     entries = manifest["models"]
     reports = {e["name"]: _report(run_dir, e["name"], e["training_run"]) for e in entries}
-    config_path = run_dir / "config.json"
+    config_path = RunLayout(run_dir).config
     dataset = json.loads(config_path.read_text()).get("data", "?") if config_path.is_file() else "?"
     first = entries[0]
     spec = first["preprocessing"]

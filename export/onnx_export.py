@@ -26,6 +26,7 @@ from torch import nn
 from common import calibration
 from common.errors import Failure
 from common.files import temporary_path
+from common.run_layout import SINGLE
 from imaging import preprocessing
 from training.checkpoint import architecture_of, preprocessing_of, rebuild_model
 from training.models import HEATMAP_LAYER
@@ -95,7 +96,7 @@ def heatmap_size(model: nn.Module, input_size: tuple[int, int]) -> list[int]:
 
 
 def metadata_for(ckpt: dict, checkpoint_sha256: str, precision: str = "fp32",
-                 training_run: str = "single",
+                 training_run: str = SINGLE,
                  abstain_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> dict[str, str]:
     """``training_run``: which run of the study the checkpoint is (seed-68, fold-2, single);
     ``abstain_accuracy``: the target the abstention threshold is chosen for."""
@@ -129,7 +130,7 @@ def set_metadata(model_proto: onnx.ModelProto, metadata: dict[str, str]) -> None
 
 
 def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int = DEFAULT_OPSET,
-                 training_run: str = "single",
+                 training_run: str = SINGLE,
                  abstain_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> Path:
     """Export to ``out_path`` via a temporary file; returns the temporary file's path.
 

@@ -25,6 +25,7 @@ import torch
 from common.calibration import DEFAULT_TARGET_ACCURACY
 from common.errors import UserError, run_cli
 from common.files import sha256_of, temporary_path, write_json
+from common.run_layout import RUNS_DIR, Member, RunLayout, newest_run
 from export import model_card
 from export.onnx_export import (CALIBRATION_KEYS, DEFAULT_OPSET, ExportError, export_model, metadata_for,
                                 temperature_of)
@@ -39,8 +40,7 @@ from imaging.preprocessing import Preprocessing
 from serve.predictor import create_session
 from training import checkpoint
 from training.models import MODEL_NAMES
-from training.run import RUNS_DIR, newest_run
-from training.study import Member, run_members, split_lists
+from training.study import run_members, split_lists
 from training.transforms import EvalTransform, decode
 
 EXAMPLES_PER_CLASS = 2
@@ -85,7 +85,7 @@ def target_accuracy(text: str) -> float:
 
 def study_of(run_dir: Path) -> list[Member]:
     """The runs a run folder holds per model (a folder without config.json: one run)."""
-    return run_members(run_dir) if (run_dir / "config.json").is_file() else [Member(None, 0)]
+    return run_members(run_dir) if RunLayout(run_dir).config.is_file() else [Member(None, 0)]
 
 
 def choose_member(run_dir: Path, name: str, study: list[Member], seed: int | None,
@@ -106,7 +106,7 @@ def choose_member(run_dir: Path, name: str, study: list[Member], seed: int | Non
         return study[0]
 
     def val_loss(member: Member) -> float:
-        report = member.folder(run_dir, name) / "report.json"
+        report = RunLayout(run_dir).member_files(name, member).report
         return json.loads(report.read_text())["val_loss"] if report.is_file() else float("inf")
 
     return min(study, key=val_loss)
@@ -144,7 +144,7 @@ def split_images(run_dir: Path, split: str, preprocessing: Preprocessing, limit:
 
 def listed_split(run_dir: Path, split: str, member: Member | None = None) -> list:
     """[[path, label], ...] of one split of the run (or of one fold's run)."""
-    if not (run_dir / "splits.json").is_file():
+    if not RunLayout(run_dir).splits.is_file():
         return []
     return split_lists(run_dir, member or Member(None, 0)).get(split, [])
 
@@ -158,7 +158,7 @@ def validation_images(run_dir: Path, preprocessing: Preprocessing, limit: int = 
 
 def copy_examples(run_dir: Path, out_dir: Path, member: Member | None = None) -> list[str]:
     """A few validation images per class, for the app's clickable examples."""
-    splits_file = run_dir / "splits.json"
+    splits_file = RunLayout(run_dir).splits
     if not splits_file.is_file():
         return []
     class_names = json.loads(splits_file.read_text())["class_names"]
@@ -214,7 +214,7 @@ class Int8Job:
         name, spec = entry["name"], checkpoint.preprocessing_of(ckpt)
         calibration, _, _ = split_images(run_dir, "train", spec, CALIBRATION_IMAGES, member)
         if not len(calibration):
-            raise ExportError(f"{name}: no training images listed in '{run_dir / 'splits.json'}' "
+            raise ExportError(f"{name}: no training images listed in '{RunLayout(run_dir).splits}' "
                               "to calibrate INT8 on")
         images, labels, _ = split_images(run_dir, "val", spec, INT8_REPORT_IMAGES, member)
         return cls(name, out_dir / entry["file"], out_dir / f"{name}.int8.onnx",
@@ -290,13 +290,12 @@ def export_one(name: str, run_dir: Path, out_dir: Path, opset: int, quantize: st
                abstain_accuracy: float = DEFAULT_TARGET_ACCURACY) -> list[dict]:
     """Manifest entries: the FP32 file's, then (with ``quantize``) the INT8 file's."""
     member = member or Member(None, 0)
-    ckpt_path = member.folder(run_dir, name) / "best.pt"
+    ckpt_path = RunLayout(run_dir).member_files(name, member).best_checkpoint
     ckpt = checkpoint.load(ckpt_path)
     ckpt_sha256 = sha256_of(ckpt_path)
     model = checkpoint.rebuild_model(ckpt, expected_architecture=name)
     out_path = out_dir / f"{name}.onnx"
-    training_run = member.label or "single"
-    tmp = export_model(ckpt, ckpt_sha256, out_path, opset, training_run, abstain_accuracy)
+    tmp = export_model(ckpt, ckpt_sha256, out_path, opset, member.training_run, abstain_accuracy)
     try:
         images, _ = validation_images(run_dir, checkpoint.preprocessing_of(ckpt), member=member)
         report = check_parity(model, create_session(tmp), images, temperature=temperature_of(ckpt))
@@ -346,9 +345,9 @@ def export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run) if args.run else newest_run(RUNS_DIR)
     if not run_dir.is_dir():
         raise UserError(f"run folder '{run_dir}' does not exist")
-    study = study_of(run_dir)
+    study, layout = study_of(run_dir), RunLayout(run_dir)
     chosen = {n: choose_member(run_dir, n, study, args.seed, args.fold) for n in MODEL_NAMES}
-    available = [n for n in MODEL_NAMES if (chosen[n].folder(run_dir, n) / "best.pt").is_file()]
+    available = [n for n in MODEL_NAMES if layout.member_files(n, chosen[n]).best_checkpoint.is_file()]
     names = [m.strip() for m in args.models.split(",")] if args.models else available
     missing = [n for n in names if n not in available]
     if missing or not names:

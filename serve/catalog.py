@@ -20,6 +20,7 @@ from PIL import Image
 import imaging
 from common.errors import UserError
 from common.files import sha256_of
+from common.run_layout import RunLayout
 from serve import engine_choice
 from serve.predictor import ENGINES, Predictor, available_engines, engine_precisions
 
@@ -131,7 +132,7 @@ def check_images(folder: Path, manifest: dict, examples: list[Path]) -> list[Ima
     the run's validation images where the run the manifest names is on this machine."""
     paths = list(examples)
     run = manifest.get("run")
-    splits = Path(run) / "splits.json" if isinstance(run, str) else None
+    splits = RunLayout(run).splits if isinstance(run, str) else None
     if splits is not None and splits.is_file():
         try:
             val = json.loads(splits.read_text(encoding="utf-8")).get("val", [])

@@ -17,6 +17,7 @@ import torch
 
 from conftest import ROOT, TINY_SIZE, run_python
 from common import statistics
+from common.run_layout import RunLayout
 
 MODELS = ("plain34", "resnet34")
 
@@ -68,6 +69,20 @@ def test_seeds_give_one_folder_per_model_and_seed(seeds_run):
     # The same split for every seed.
     splits = [{r["path"] for r in _predictions(seeds_run / "resnet34" / f"seed-{s}")} for s in (67, 68)]
     assert splits[0] == splits[1]
+
+
+def test_the_layout_names_the_folder_and_files_of_each_seed(seeds_run):
+    from training.study import run_members
+
+    layout = RunLayout(seeds_run)
+    for name in MODELS:
+        runs = [layout.member_files(name, member) for member in run_members(seeds_run)]
+        assert [files.folder for files in runs] == sorted(p for p in (seeds_run / name).iterdir() if p.is_dir())
+        for files in runs:  # no ood.csv: the run has no out-of-distribution images
+            assert set(files.folder.iterdir()) == {
+                files.best_checkpoint, files.last_checkpoint, files.report, files.predictions, files.history,
+                files.logits, files.curves_png, files.confusion_png}
+        assert layout.errors_png(name).is_file()
 
 
 @pytest.mark.slow  # trains (through the fixture it names)

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 import imaging
+from common.run_layout import Member, RunLayout
 from imaging.heatmap import overlay
 from training import checkpoint
 from training.reports import plt, save_figure
-from training.study import Member, split_lists
+from training.study import split_lists
 from training.transforms import EvalTransform, decode
 
 IMAGES_PER_CLASS = 2
@@ -35,9 +36,9 @@ def chosen_images(run_dir: Path, member: Member, class_count: int, seed: int) ->
 def write_heatmaps(run_dir: Path, models: list[str], member: Member, class_names: list[str], seed: int) -> Path:
     rows = chosen_images(run_dir, member, len(class_names), seed)
     images = [imaging.load_rgb(path) for path, _ in rows]
-    cells = {}
+    layout, cells = RunLayout(run_dir), {}
     for name in models:
-        ckpt = checkpoint.load(member.folder(run_dir, name) / "best.pt")
+        ckpt = checkpoint.load(layout.member_files(name, member).best_checkpoint)
         model, spec = checkpoint.rebuild_model(ckpt), checkpoint.preprocessing_of(ckpt)
         batch = torch.stack([EvalTransform(spec)(decode(img, spec)) for img in images])
         with torch.no_grad():
@@ -65,6 +66,6 @@ def write_heatmaps(run_dir: Path, models: list[str], member: Member, class_names
     where = f" ({member.label})" if member.label else ""
     fig.suptitle(f"Where each model looks{where}: Grad-CAM of its top class on layer4; red: wrong", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
-    path = Path(run_dir) / "heatmaps.png"
+    path = layout.heatmaps_png
     save_figure(fig, path)
     return path

@@ -21,10 +21,10 @@ import torch
 import imaging
 from common import calibration
 from common.files import files_under
+from common.run_layout import Member, RunLayout
 from training import checkpoint, reports
 from training.config import ConfigError, TrainConfig
 from training.engine import Precision
-from training.study import Member
 from training.synthetic import ensure_builtin_ood
 from training.transforms import EvalTransform, decode
 
@@ -123,9 +123,9 @@ def write_ood_logits(run_dir: Path, models: list[str], study: list[Member], ood:
     """``ood.csv`` beside each run's best.pt: the raw logits of every out-of-distribution image."""
     for member in study:
         for name in models:
-            folder = member.folder(run_dir, name)
-            ckpt = checkpoint.load(folder / "best.pt")
+            files = RunLayout(run_dir).member_files(name, member)
+            ckpt = checkpoint.load(files.best_checkpoint)
             logits = ood_logits(checkpoint.rebuild_model(ckpt), ood, preprocessing, precision, device)
-            reports.write_logits(folder / "ood.csv", [("ood", p, "", row.tolist())
-                                                      for p, row in zip(ood.paths, logits)],
+            reports.write_logits(files.ood_logits, [("ood", p, "", row.tolist())
+                                                    for p, row in zip(ood.paths, logits)],
                                  ckpt["class_names"])

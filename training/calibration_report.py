@@ -17,8 +17,8 @@ import numpy as np
 from scipy import stats
 
 from common import calibration as cal
+from common.run_layout import Member, ModelFiles, RunLayout
 from training.reports import plt, read_logits, save_figure
-from training.study import Member
 
 TITLES = {"val": "validation", "test": "test"}
 METRICS = (("ece", cal.ece, "confidence"), ("nll", np.mean, "nll"), ("brier", np.mean, "brier"))
@@ -38,14 +38,14 @@ def _metrics(per_image: dict) -> dict:
     return out
 
 
-def summarize_model(folder: Path, splits: list[str]) -> dict | None:
+def summarize_model(files: ModelFiles, splits: list[str]) -> dict | None:
     """One model's calibration record, or None for a run without logits or a fitted temperature."""
-    report = json.loads((folder / "report.json").read_text())
+    report = json.loads(files.report.read_text())
     fitted = report.get("calibration")
-    if not fitted or not (folder / "logits.csv").is_file():
+    if not fitted or not files.logits.is_file():
         return None
     classes, temperature = report["class_names"], fitted["temperature"]
-    logits = read_logits(folder / "logits.csv", classes)
+    logits = read_logits(files.logits, classes)
     # The threshold as the export chooses it (from the same validation images, by the same rule).
     val = _per_image(logits["val"]["logits"], logits["val"]["labels"], temperature)
     abstain = cal.abstention_threshold(val["confidence"], val["correct"], fitted["abstain"]["target_accuracy"])
@@ -67,8 +67,8 @@ def summarize_model(folder: Path, splits: list[str]) -> dict | None:
         coverage, accuracy = cal.risk_coverage(after["confidence"], after["correct"])
         out["splits"][split]["risk_coverage"] = {"coverage": coverage.tolist(), "accuracy": accuracy.tolist()}
     reference = splits[-1]  # the test split where there is one: never fitted on
-    if (folder / "ood.csv").is_file():
-        ood = cal.top_confidence(cal.softmax(read_logits(folder / "ood.csv", classes)["ood"]["logits"], temperature))
+    if files.ood_logits.is_file():
+        ood = cal.top_confidence(cal.softmax(read_logits(files.ood_logits, classes)["ood"]["logits"], temperature))
         inside = cal.top_confidence(cal.softmax(logits[reference]["logits"], temperature))
         out["ood"] = {"images": len(ood), "in_distribution_split": reference,
                       "unsure_share": float((ood < threshold).mean()),
@@ -236,11 +236,11 @@ def write(run_dir: Path, models: list[str], study: list[Member], splits: list[st
           out_dir: Path | None = None) -> tuple[str, dict]:
     """(markdown section, record for comparison.json); ("", {}) for runs made before calibration.
     calibration.png goes to ``out_dir`` (default: the run folder)."""
-    member = study[0]
-    summaries = {name: summarize_model(member.folder(run_dir, name), splits) for name in models}
+    member, layout = study[0], RunLayout(run_dir)
+    summaries = {name: summarize_model(layout.member_files(name, member), splits) for name in models}
     if any(v is None for v in summaries.values()):
         return "", {}
     record = {"bins": cal.BINS, "bootstrap_resamples": cal.BOOTSTRAP_RESAMPLES, "run": member.label,
               "models": summaries}
-    plot(Path(out_dir or run_dir) / "calibration.png", record, splits[-1])
+    plot(RunLayout(out_dir or run_dir).calibration_png, record, splits[-1])
     return render(record, splits, member), record

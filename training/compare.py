@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UserError, run_cli
+from common.run_layout import RunLayout
 from training.comparison import CLAIMS_TITLE, Source, write
 from training.study import run_members
 
@@ -34,12 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _read(run_dir: Path) -> tuple[dict, dict]:
-    for name in ("config.json", "splits.json"):
-        if not (run_dir / name).is_file():
-            raise UserError(f"'{run_dir}' is not a finished run folder (no {name})")
+    layout = RunLayout(run_dir)
+    for path in (layout.config, layout.splits):
+        if not path.is_file():
+            raise UserError(f"'{run_dir}' is not a finished run folder (no {path.name})")
     try:
-        return (json.loads((run_dir / "config.json").read_text()),
-                json.loads((run_dir / "splits.json").read_text()))
+        return json.loads(layout.config.read_text()), json.loads(layout.splits.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"'{run_dir}': unreadable config.json or splits.json ({exc})") from None
 
@@ -67,10 +68,10 @@ def gather(run_dirs: list[Path]) -> tuple[list[Source], dict, dict]:
             seen[key] = run_dir
             source = Source(run_dir, member)
             for model in config["models"]:
-                missing = [f for f in ("report.json", "predictions.csv", "history.csv")
-                           if not (source.folder(model) / f).is_file()]
+                files = source.files(model)
+                missing = [p.name for p in (files.report, files.predictions, files.history) if not p.is_file()]
                 if missing:
-                    raise UserError(f"'{source.folder(model)}' has no {missing[0]}: that run is not "
+                    raise UserError(f"'{files.folder}' has no {missing[0]}: that run is not "
                                     "finished (continue it with python -m training.run --resume)")
             sources.append(source)
     if not config.get("folds"):
@@ -88,7 +89,7 @@ def run_info(run_dir: Path, config: dict, splits: dict) -> dict:
         sizes = ", ".join(f"{k} {len(splits[k])}" for k in ("train", "val", "test") if k in splits)
     device = "not recorded"
     try:
-        device = json.loads((run_dir / "comparison.json").read_text()).get("device", device)
+        device = json.loads(RunLayout(run_dir).comparison_json.read_text()).get("device", device)
     except (OSError, ValueError):
         pass
     return {"dataset": config.get("data", "?"), "classes": len(splits["class_names"]),
@@ -111,9 +112,10 @@ def compare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     write(out, sources, list(config["models"]), int(config.get("folds") or 0), run_info(run_dirs[0], config, splits))
-    print(f"Wrote {out / 'comparison.md'} from {len(sources)} run(s) per model "
+    written = RunLayout(out).comparison_md
+    print(f"Wrote {written} from {len(sources)} run(s) per model "
           f"({', '.join(s.label for s in sources)})", file=sys.stderr)
-    text = (out / "comparison.md").read_text()
+    text = written.read_text()
     print(claims_of(text) if args.claims else text)
     return 0
 

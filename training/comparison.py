@@ -24,10 +24,10 @@ from matplotlib.ticker import MaxNLocator
 import imaging
 from common import statistics
 from common.files import write_json, write_text
+from common.run_layout import Member, ModelFiles, RunLayout
 from training import calibration_report
 from training.config import TrainConfig
 from training.reports import plt, read_predictions, save_figure
-from training.study import Member
 
 METRICS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "loss"))
 BOUNDS = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "loss": (0.0, float("inf"))}
@@ -47,8 +47,8 @@ class Source:
     def label(self) -> str:
         return self.member.label or f"seed-{self.member.seed}"
 
-    def folder(self, model: str) -> Path:
-        return self.member.folder(self.run_dir, model)
+    def files(self, model: str) -> ModelFiles:
+        return RunLayout(self.run_dir).member_files(model, self.member)
 
 
 @dataclass
@@ -95,11 +95,11 @@ def load(sources: list[Source], models: list[str]) -> dict:
     for name in models:
         out[name] = []
         for source in sources:
-            folder = source.folder(name)
-            with open(folder / "history.csv", newline="") as f:
+            files = source.files(name)
+            with open(files.history, newline="") as f:
                 history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-            out[name].append({"report": json.loads((folder / "report.json").read_text()),
-                              "predictions": read_predictions(folder / "predictions.csv"),
+            out[name].append({"report": json.loads(files.report.read_text()),
+                              "predictions": read_predictions(files.predictions),
                               "history": history})
     return out
 
@@ -417,7 +417,7 @@ def plot_errors(path: Path, display: str, wrong: list[dict], everyone_wrong: set
 
 def write(out_dir: Path, sources: list[Source], models: list[str], folds: int, run_info: dict) -> dict:
     """Load the runs, then write comparison.md/.json/.png and each model's errors.png."""
-    out_dir = Path(out_dir)
+    out_dir, layout = Path(out_dir), RunLayout(out_dir)
     data = load(sources, models)
     first = data[models[0]][0]["report"]
     splits = ["val"] + (["test"] if first.get("test_accuracy") is not None else [])
@@ -426,17 +426,18 @@ def write(out_dir: Path, sources: list[Source], models: list[str], folds: int, r
     ctx.summary = summarize(data, splits, folds, pool)
     parts = sections(ctx)
     extra = {p.key: p.data for p in parts if p.data is not None}
-    write_json(out_dir / "comparison.json", {"runs": [s.label for s in sources], "pooled_folds": bool(folds),
-                                             **run_info, **ctx.summary, "sections": extra})
-    write_text(out_dir / "comparison.md", render(ctx, parts))
-    plot_curves(out_dir / "comparison.png", data)
+    write_json(layout.comparison_json, {"runs": [s.label for s in sources], "pooled_folds": bool(folds),
+                                        **run_info, **ctx.summary, "sections": extra})
+    write_text(layout.comparison_md, render(ctx, parts))
+    plot_curves(layout.comparison_png, data)
     chosen = {name: [row for run in (runs if folds else runs[:1]) for row in run["predictions"]
                      if row["split"] == "val"] for name, runs in data.items()}
     wrong = {name: [row for row in rows if row["label"] != row["predicted"]] for name, rows in chosen.items()}
     everyone_wrong = set.intersection(*({row["path"] for row in rows} for rows in wrong.values()))
     for name, rows in wrong.items():
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
-        plot_errors(out_dir / name / "errors.png", data[name][0]["report"]["display_name"], rows,
+        errors_png = layout.errors_png(name)
+        errors_png.parent.mkdir(parents=True, exist_ok=True)
+        plot_errors(errors_png, data[name][0]["report"]["display_name"], rows,
                     everyone_wrong if len(wrong) > 1 else set())
     return ctx.summary
 

@@ -15,6 +15,7 @@ from common.cpu import usable_logical_cpus
 from common.datasets import index_csv, index_image_folder
 from common.errors import run_cli
 from common.files import write_json
+from common.run_layout import RUNS_DIR, RunLayout, newest_run
 from training import calibrate, distributed, transfer
 from training.config import RESUME_FLAGS, ConfigError, TrainConfig, config_from_args, from_dict, to_dict
 from training.attention import write_heatmaps
@@ -25,21 +26,10 @@ from training.study import members
 from training.synthetic import ensure_builtin_dataset
 from training.trainer import cache_dir_for, preprocessing_for, train_model, train_storage_for
 
-RUNS_DIR = Path("runs")
-
-
-def newest_run(runs_dir: Path = RUNS_DIR) -> Path:
-    runs = sorted((p for p in runs_dir.glob("*") if (p / "config.json").is_file()),
-                  key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
-    if not runs:
-        raise ConfigError(f"no run to resume under '{runs_dir}/'")
-    return runs[-1]
-
-
 def new_run_dir(config: TrainConfig) -> Path:
     if config.out:
         run_dir = Path(config.out)
-        if (run_dir / "config.json").exists():
+        if RunLayout(run_dir).config.exists():
             raise ConfigError(f"'{run_dir}' already holds a run; continue it with --resume "
                               f"{run_dir} or choose another --out")
         return run_dir
@@ -57,7 +47,7 @@ def resolve_run(config: TrainConfig, resume: str | None, given: set[str]) -> tup
         return config, new_run_dir(config)
     run_dir = Path(config.out) if resume == "latest" and config.out else (
         newest_run() if resume == "latest" else Path(resume))
-    saved = run_dir / "config.json"
+    saved = RunLayout(run_dir).config
     if not saved.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder (no config.json)")
     resumed = from_dict(json.loads(saved.read_text()))
@@ -89,7 +79,7 @@ def describe(data, run_dir: Path) -> str:
     line = (f"{len(data.class_names)} classes ({', '.join(data.class_names)}); "
             f"{data.total_files} files: {sizes}")
     if data.bad_files:
-        line += f"; skipped {len(data.bad_files)} bad file(s), listed in {run_dir / 'bad_files.json'}"
+        line += f"; skipped {len(data.bad_files)} bad file(s), listed in {RunLayout(run_dir).bad_files}"
     return line
 
 
@@ -105,9 +95,9 @@ def train(argv: list[str] | None = None) -> int:
         world, device = distributed.init(config.device)
         run_dir = Path(distributed.broadcast(str(run_dir), world))
         data = load_dataset(config, world)
-        study = members(config)
+        study, layout = members(config), RunLayout(run_dir)
         folds = cross_validation_folds(data, config.folds, config.seed) if config.folds else None
-        fresh = [n for n in config.models if not (study[0].folder(run_dir, n) / "last.pt").exists()]
+        fresh = [n for n in config.models if not layout.member_files(n, study[0]).last_checkpoint.exists()]
         if config.init_weights and fresh:  # refuse a wrong file before a run folder is made
             transfer.check_init_weights(config.init_weights, fresh, len(data.class_names))
         trained_on = [p for split in data.splits.values() for p in split.paths]
@@ -115,15 +105,15 @@ def train(argv: list[str] | None = None) -> int:
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             precision = Precision(device, config.precision).chosen()
-            write_json(run_dir / "config.json", to_dict(config, {"precision": precision}))
-            write_json(run_dir / "bad_files.json", data.bad_files)
+            write_json(layout.config, to_dict(config, {"precision": precision}))
+            write_json(layout.bad_files, data.bad_files)
             listed = {"class_names": data.class_names}
             if folds:  # each fold's validation images; a fold trains on all the others
                 listed["folds"] = [_listed(fold.splits["val"]) for fold in folds]
                 listed.update({k: _listed(v) for k, v in data.splits.items() if k == "test"})
             else:
                 listed.update({name: _listed(split) for name, split in data.splits.items()})
-            write_json(run_dir / "splits.json", listed)
+            write_json(layout.splits, listed)
             print(f"Run folder: {run_dir}\nData: {config.data}: {describe(data, run_dir)}\n"
                   f"Images: {data.decoding}\n"
                   f"Device: {device}" + (f" x {world.size} processes" if world.distributed else "")
@@ -140,7 +130,8 @@ def train(argv: list[str] | None = None) -> int:
             for name in config.models:
                 if world.is_main and member.label:
                     print(f"--- {name}, {member.label}", flush=True)
-                train_model(name, member_config, member_data, member.folder(run_dir, name), world, device)
+                train_model(name, member_config, member_data, layout.member_files(name, member).folder,
+                            world, device)
         if world.is_main:
             sizes = ", ".join(f"{n} {len(s)}" for n, s in data.splits.items())
             if folds:
@@ -156,7 +147,7 @@ def train(argv: list[str] | None = None) -> int:
                 "image_size": config.image_size, "device": f"{device}" + (
                     f" x {world.size}" if world.distributed else ""),
             })
-            print("\n" + (run_dir / "comparison.md").read_text(), flush=True)
+            print("\n" + layout.comparison_md.read_text(), flush=True)
         return 0
     finally:
         distributed.shutdown(world)

@@ -22,6 +22,7 @@ from common.confusion_image import draw_confusion
 from common.cpu import usable_logical_cpus
 from common.errors import Failure
 from common.files import write_json
+from common.run_layout import ModelFiles
 from imaging.preprocessing import Preprocessing
 from training import calibrate, checkpoint, distributed, reports, transfer
 from training.config import TrainConfig, to_dict
@@ -97,7 +98,7 @@ class ModelRun:
     name: str
     config: TrainConfig
     data: PreparedData
-    folder: Path
+    files: ModelFiles  # its folder and what it writes there
     world: World
     device: torch.device
     model: nn.Module
@@ -124,14 +125,6 @@ class ModelRun:
     def evaluated(self) -> nn.Module:
         """The weights validated each epoch and saved as best.pt: the EMA's when there is one."""
         return self.ema.module if self.ema is not None else self.model
-
-    @property
-    def last_path(self) -> Path:
-        return self.folder / "last.pt"
-
-    @property
-    def best_path(self) -> Path:
-        return self.folder / "best.pt"
 
 
 def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
@@ -168,7 +161,8 @@ def set_up(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
     model = create_model(name, len(data.class_names))  # the same initial weights on every rank
     if world.rank:
         torch.manual_seed(config.seed + world.rank)  # but each rank its own dropout masks
-    if config.init_weights and not (model_dir / "last.pt").exists():
+    files = ModelFiles(model_dir)
+    if config.init_weights and not files.last_checkpoint.exists():
         transfer.load_init_weights(model, config.init_weights, verbose=world.is_main)
     model.to(device)
     precision = Precision(device, config.precision)
@@ -176,7 +170,7 @@ def set_up(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
         model = model.to(memory_format=torch.channels_last)
     train_set, sampler, batches = train_loader(data, config, world, device)
     return ModelRun(
-        name, config, data, model_dir, world, device, model,
+        name, config, data, files, world, device, model,
         optimization=build_optimization(model, config), preprocessing=preprocessing_for(config),
         precision=precision, stopper=EarlyStopping(config.patience, config.min_delta),
         freezer=transfer.BackboneFreezer(model, config.freeze_epochs),
@@ -188,11 +182,11 @@ def set_up(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
 def resume(run: ModelRun) -> None:
     """Continue from last.pt when it exists: weights (and their average), recipe, early
     stopping, history, RNG."""
-    if not run.last_path.exists():
+    if not run.files.last_checkpoint.exists():
         return
-    state = checkpoint.load(run.last_path)
+    state = checkpoint.load(run.files.last_checkpoint)
     if state.get("class_names") != run.data.class_names:
-        raise checkpoint.CheckpointError(f"'{run.last_path}' was trained on other classes")
+        raise checkpoint.CheckpointError(f"'{run.files.last_checkpoint}' was trained on other classes")
     run.model.load_state_dict(state["model_state"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema_state"])
@@ -241,7 +235,7 @@ def save(run: ModelRun, epoch: int, improved: bool, val) -> None:
     if improved:
         best = checkpoint.model_record(run.name, run.evaluated, run.data.class_names, run.preprocessing)
         checkpoint.save({**best, "epoch": epoch, "val_loss": val.loss,
-                         "val_accuracy": val.accuracy}, run.best_path)
+                         "val_accuracy": val.accuracy}, run.files.best_checkpoint)
     record = checkpoint.model_record(run.name, run.model, run.data.class_names, run.preprocessing)
     if run.ema is not None:
         record["ema_state"] = {k: v.detach().cpu() for k, v in run.ema.state_dict().items()}
@@ -249,7 +243,7 @@ def save(run: ModelRun, epoch: int, improved: bool, val) -> None:
         **record, "epoch": epoch, "finished": run.finished, "history": run.history,
         **run.optimization.state_dict(), "early_stopping": run.stopper.state_dict(), "rng": rng,
         "config": {k: v for k, v in to_dict(run.config).items() if v is not None},
-    }, run.last_path)
+    }, run.files.last_checkpoint)
 
 
 def log_epoch(run: ModelRun, improved: bool) -> None:
@@ -267,10 +261,10 @@ def log_epoch(run: ModelRun, improved: bool) -> None:
 
 def final_report(run: ModelRun) -> dict:
     """Evaluate the best weights on val (and test) and write the model's report files."""
-    if not run.best_path.exists():
-        raise Failure(f"{run.display}: no best checkpoint in {run.folder} (with several machines, "
+    if not run.files.best_checkpoint.exists():
+        raise Failure(f"{run.display}: no best checkpoint in {run.files.folder} (with several machines, "
                            "the run folder must be on storage they all share)")
-    best = checkpoint.load(run.best_path)
+    best = checkpoint.load(run.files.best_checkpoint)
     run.model.load_state_dict(best["model_state"])
     best_row = next(row for row in run.history if row["epoch"] == best["epoch"])
     report = {
@@ -309,22 +303,22 @@ def final_report(run: ModelRun) -> dict:
         "stopped_early": run.history[-1]["epoch"] < run.config.epochs,
     })
     if run.world.is_main:
-        folder = run.folder
-        reports.write_history(folder / "history.csv", run.history)
-        reports.write_predictions(folder / "predictions.csv", {
+        files = run.files
+        reports.write_history(files.history, run.history)
+        reports.write_predictions(files.predictions, {
             split: (run.data.splits[split], result) for split, result in evaluations.items()},
             run.data.class_names)
-        checkpoint.save({**best, "calibration": record}, run.best_path)
-        reports.write_logits(folder / "logits.csv", [
+        checkpoint.save({**best, "calibration": record}, files.best_checkpoint)
+        reports.write_logits(files.logits, [
             (split, path, run.data.class_names[int(label)], logits.tolist())
             for split, result in evaluations.items()
             for path, label, logits in zip(run.data.splits[split].paths, result.labels, result.logits)],
             run.data.class_names)
         print(f"{run.display}: {calibrate.describe(record)}", flush=True)
-        reports.plot_curves(folder / "curves.png", run.history, run.display, report["best_epoch"])
-        draw_confusion(folder / "confusion.png", val_matrix, run.data.class_names,
+        reports.plot_curves(files.curves_png, run.history, run.display, report["best_epoch"])
+        draw_confusion(files.confusion_png, val_matrix, run.data.class_names,
                        f"{run.display}: validation, best epoch {report['best_epoch']}")
-        write_json(folder / "report.json", report)
+        write_json(files.report, report)
     return report
 
 
