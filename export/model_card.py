@@ -12,7 +12,7 @@ import yaml
 
 from common.files import write_text
 from common.metrics import macro_f1
-from common.run_layout import RunLayout
+from common.run_layout import SINGLE, RunLayout
 
 LICENSE = "apache-2.0"
 
@@ -63,7 +63,7 @@ def _selection(manifest: dict) -> list[tuple[str, str, str]]:
     """(model, run, how it was chosen) for each model exported from a study of several runs."""
     chosen = manifest.get("selection", {})
     return [(e["display_name"], e["training_run"], chosen[e["name"]]) for e in manifest["models"]
-            if e["precision"] == "fp32" and e["training_run"] != "single" and e["name"] in chosen]
+            if e["precision"] == "fp32" and e["training_run"] != SINGLE and e["name"] in chosen]
 
 
 def calibration_lines(entries: list[dict]) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import threading
 
 import httpx
@@ -14,10 +13,9 @@ import pytest
 from PIL import Image
 
 import imaging
-from conftest import run_python
 from serve.launch import running_app
 from test_app import assert_matches_direct, classify, direct
-from test_readme import readme_block
+from test_readme import run_client_snippet
 
 MAX_UPLOAD = 50 * 1024 * 1024
 
@@ -171,10 +169,5 @@ def test_a_full_line_gets_503_with_retry_after(exported_models, tmp_path):
 
 
 def test_httpx_snippet_runs_as_printed(app_url, exported_models, tmp_path):
-    shutil.copy(example(exported_models), tmp_path / "photo.jpg")
-    code = readme_block("http-api-httpx").replace("http://127.0.0.1:7860", app_url)
-    (tmp_path / "client.py").write_text(code)
-    result = run_python(["client.py"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    lines = run_client_snippet("http-api-httpx", app_url, example(exported_models), tmp_path).strip().splitlines()
     assert [line.split()[0] for line in lines] == ["Plain-34", "ResNet-34", "ResNet-34-Modified"]

@@ -56,13 +56,19 @@ def test_onnx_snippet_runs_with_only_onnxruntime_numpy_pillow(exported_models, t
         assert drawn.size == (40, 60)
 
 
-def test_api_snippet_gets_one_result_per_model(app_url, exported_models, tmp_path):
-    shutil.copy(an_example(exported_models), tmp_path / "photo.jpg")
-    code = readme_block("api-client").replace("http://127.0.0.1:7860/", app_url)
+def run_client_snippet(marker: str, app_url: str, photo, tmp_path) -> str:
+    """Run the snippet marked ``marker`` as printed, against ``app_url``, on ``photo.jpg``; its stdout."""
+    shutil.copy(photo, tmp_path / "photo.jpg")
+    code = readme_block(marker).replace("http://127.0.0.1:7860", app_url.rstrip("/"))
     (tmp_path / "client.py").write_text(code)
     result = run_python(["client.py"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if "{" in line]  # not the client's own notes
+    return result.stdout
+
+
+def test_api_snippet_gets_one_result_per_model(app_url, exported_models, tmp_path):
+    printed = run_client_snippet("api-client", app_url, an_example(exported_models), tmp_path)
+    lines = [line for line in printed.splitlines() if "{" in line]  # not the client's own notes
     assert [line.split()[0] for line in lines] == ["Plain-34", "ResNet-34", "ResNet-34-Modified"]
     for line in lines:
         confidences = ast.literal_eval(line[line.index("{"):line.rindex("}") + 1])

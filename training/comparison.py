@@ -284,9 +284,9 @@ def split_section(ctx: Context, split: str) -> Section:
             lines.append(f"| {model['display_name']} | {_cell(est['accuracy'])} | "
                          f"{_cell(est['macro_f1'])} | {_cell(est['loss'])} |")
         if ctx.folds and split == "val":
-            lines += ["", f"Each fold's validation images also chose that fold's epoch, so these figures "
-                      f"are optimistic; over the folds the pairs use Nadeau and Bengio's corrected "
-                      f"resampled t-test.", "", "Pooled over the folds (every image once): " + "; ".join(
+            lines += ["", "Each fold's validation images also chose that fold's epoch, so these figures "
+                      "are optimistic; over the folds the pairs use Nadeau and Bengio's corrected "
+                      "resampled t-test.", "", "Pooled over the folds (every image once): " + "; ".join(
                 f"{m['display_name']} {_cell(m['val']['accuracy_over_images'])}" for m in models.values())
                 + " (95% Wilson interval)."]
     pairs = ctx.summary["pairs"][split]
