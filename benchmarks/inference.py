@@ -40,7 +40,7 @@ from serve.catalog import candidate_pairs
 from serve.predictor import Predictor, create_session, engine_precisions, openvino_available
 from training import checkpoint
 from training.models import MODEL_NAMES, create_model
-from training.transforms import EvalTransform, decode
+from training.transforms import EvalTransform, pixel_tensor
 
 ENGINES = ("torch", "ort_fp32", "ort_fp32_heatmaps", "ort_int8")
 OPENVINO_ENGINES = ("ov_fp32", "ov_bf16", "ov_int8")  # those this CPU offers, where installed
@@ -128,7 +128,7 @@ def calibration_images(run_dir: Path | None, size: int, count: int) -> np.ndarra
 
     spec = Preprocessing(input_size=(size, size))
     transform = EvalTransform(spec)
-    drawn = [transform(decode(draw_image(i % len(CLASSES), np.random.default_rng([7, i])), spec))
+    drawn = [transform(pixel_tensor(draw_image(i % len(CLASSES), np.random.default_rng([7, i])), spec))
              for i in range(count)]
     return torch.stack(drawn).numpy()
 

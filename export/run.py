@@ -41,7 +41,7 @@ from serve.predictor import create_session
 from training import checkpoint
 from training.models import MODEL_NAMES
 from training.study import run_members, split_lists
-from training.transforms import EvalTransform, decode
+from training.transforms import EvalTransform, pixel_tensor
 
 EXAMPLES_PER_CLASS = 2
 PARITY_IMAGES = 256  # at most this many validation images go through the parity check
@@ -132,7 +132,7 @@ def split_images(run_dir: Path, split: str, preprocessing: Preprocessing, limit:
     kept, labels, tensors = [], [], []
     for p, label in listed[:limit]:
         try:
-            tensors.append(transform(decode(p, preprocessing)))
+            tensors.append(transform(pixel_tensor(p, preprocessing)))
         except (OSError, ValueError):  # the file changed since training: skip it
             continue
         kept.append(p)

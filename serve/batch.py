@@ -35,7 +35,7 @@ def default_workers() -> int:
     return max(1, min(4, usable_logical_cpus() // 2))
 
 
-def decode(path: str, specs: Sequence[Preprocessing], max_pixels: int):
+def input_arrays(path: str, specs: Sequence[Preprocessing], max_pixels: int):
     """One file as each spec's H x W x 3 uint8 input, or the reason it cannot be used."""
     try:
         image = imaging.load_rgb(path, max_pixels, imaging.SERVING_MAX_DECODE_BYTES)
@@ -44,9 +44,9 @@ def decode(path: str, specs: Sequence[Preprocessing], max_pixels: int):
         return str(exc)
 
 
-def _decode_many(job):
+def _input_arrays_of_many(job):
     paths, specs, max_pixels = job
-    return [decode(p, specs, max_pixels) for p in paths]
+    return [input_arrays(p, specs, max_pixels) for p in paths]
 
 
 @dataclass
@@ -107,7 +107,7 @@ def classify_files(paths: Sequence[str], predictors: Sequence[Predictor], batch_
                 chunk, _, _ = job
                 step = max(1, -(-len(chunk) // workers))
                 parts = [(chunk[i:i + step], specs, max_pixels) for i in range(0, len(chunk), step)]
-                pending.append((chunk, pool.map_async(_decode_many, parts)))
+                pending.append((chunk, pool.map_async(_input_arrays_of_many, parts)))
 
         def decoded():
             for _ in range(workers + 1):
@@ -119,7 +119,7 @@ def classify_files(paths: Sequence[str], predictors: Sequence[Predictor], batch_
         source = decoded()
     else:
         pool = None
-        source = ((job[0], _decode_many(job)) for job in jobs)
+        source = ((job[0], _input_arrays_of_many(job)) for job in jobs)
     try:
         for chunk, results in source:
             good = [i for i, r in enumerate(results) if not isinstance(r, str)]

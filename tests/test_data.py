@@ -124,13 +124,13 @@ def test_premade_train_class_without_valid_images_is_an_error(tmp_path):
 
 
 def test_decoded_pixels_match_the_file(tmp_path):
-    from training.transforms import decode
+    from training.transforms import pixel_tensor
 
     paths = write_images(tmp_path / "a", 2) + write_images(tmp_path / "b", 2, seed=1)
     data = prepare_data(index_image_folder(tmp_path), SPEC, 0.5, 0.0, 0, processes=1)
     for split in data.splits.values():
         for image, path in zip(split.images, split.paths):
-            assert torch.equal(image, decode(path, SPEC))
+            assert torch.equal(image, pixel_tensor(path, SPEC))
     assert sorted(p for s in data.splits.values() for p in s.paths) == sorted(map(str, paths))
 
 

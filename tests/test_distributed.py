@@ -28,7 +28,7 @@ from training.config import TrainConfig
 from training.data import SplitImages
 from training.distributed import World
 from training.engine import Precision, evaluate
-from training.transforms import EvalTransform, decode
+from training.transforms import EvalTransform, pixel_tensor
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def validation_split(run_dir: Path, spec: Preprocessing) -> SplitImages:
     """All validation images of the run, decoded by the training code."""
     val = json.loads((run_dir / "splits.json").read_text())["val"]
     paths = [p for p, _ in val]
-    return SplitImages(torch.stack([decode(p, spec) for p in paths]),
+    return SplitImages(torch.stack([pixel_tensor(p, spec) for p in paths]),
                        torch.tensor([label for _, label in val]), paths)
 
 

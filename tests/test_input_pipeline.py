@@ -20,7 +20,7 @@ from imaging.preprocessing import Preprocessing
 from training import image_cache
 from training.data import SplitImages, TrainingSamples
 from training.image_cache import ImageRows, decode_files
-from training.transforms import TrainAugment, decode, stored_size
+from training.transforms import TrainAugment, pixel_tensor, stored_size
 
 SIZE = (TINY_SIZE, TINY_SIZE)
 SPEC = Preprocessing(input_size=SIZE)
@@ -58,8 +58,8 @@ def test_a_margin_crop_matches_random_resized_crop_of_the_photo():
     size, scale = (48, 48), 0.7
     spec = Preprocessing(input_size=size)
     stored_spec = Preprocessing(input_size=stored_size(size, scale))
-    stored = decode(photo, stored_spec)
-    small = decode(photo, spec)
+    stored = pixel_tensor(photo, stored_spec)
+    small = pixel_tensor(photo, spec)
     full = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy())
     augment = TrainAugment(size=size, crop_scale=scale)
     rng = random.Random(3)

@@ -16,7 +16,7 @@ from conftest import ROOT, run_python
 from serve.predictor import ModelFileError, Predictor
 from training import checkpoint
 from training.models import MODEL_NAMES
-from training.transforms import EvalTransform, decode
+from training.transforms import EvalTransform, pixel_tensor
 
 MODES = ("RGB", "RGBA", "P", "L", "CMYK", "I;16")
 SIZES = ((1, 1), (1, 9), (9, 1), (32, 32), (33, 31), (127, 45), (640, 480), (4000, 300), (300, 1000))
@@ -78,13 +78,13 @@ def non_square(tmp_path_factory):
 
 def _assert_same_input(predictor, img):
     size, spec, data = predictor.input_size, predictor.preprocessing, _file_bytes(img)
-    expected = EvalTransform(spec)(decode(data, spec)).numpy()  # training's path: file -> tensor
+    expected = EvalTransform(spec)(pixel_tensor(data, spec)).numpy()  # training's path: file -> tensor
     got = predictor.preprocess(imaging.load_rgb(data))  # serving's: file -> Pillow -> numpy
     assert got.shape == (1, 3, *size) and got.dtype == np.float32
     assert float(np.abs(got[0] - expected).max()) <= 1e-5
     # An in-memory image of any mode goes the same way.
     in_memory = predictor.preprocess(img)
-    assert float(np.abs(in_memory[0] - EvalTransform(spec)(decode(img, spec)).numpy()).max()) <= 1e-5
+    assert float(np.abs(in_memory[0] - EvalTransform(spec)(pixel_tensor(img, spec)).numpy()).max()) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -140,7 +140,7 @@ def test_same_top1_as_pytorch_on_every_validation_image(trained_run, exported_mo
     assert predictor.preprocessing == spec
     paths = [path for path, _ in splits["val"]]
     with torch.no_grad():
-        logits = model(torch.stack([EvalTransform(spec)(decode(p, spec)) for p in paths]))
+        logits = model(torch.stack([EvalTransform(spec)(pixel_tensor(p, spec)) for p in paths]))
         references = torch.softmax(logits / ckpt["calibration"]["temperature"], 1)  # as exported
     for path, reference in zip(paths, references.numpy()):
         prediction = predictor.predict_file(path)

@@ -29,7 +29,7 @@ from training.engine import EarlyStopping, Precision
 from training.models import ARCHITECTURES, MODEL_NAMES, count_parameters
 from training.reports import HISTORY_COLUMNS
 from training.trainer import AugmentedBatches
-from training.transforms import EvalTransform, TrainAugment, decode
+from training.transforms import EvalTransform, TrainAugment, pixel_tensor
 
 SIZE = (TINY_SIZE, TINY_SIZE)
 SPEC = Preprocessing(input_size=SIZE)
@@ -315,7 +315,7 @@ def test_a_run_with_a_test_split_reports_test_metrics(spied_run):
     best = checkpoint.load(run_dir / "resnet34" / "best.pt")
     spec = checkpoint.preprocessing_of(best)
     model = rebuild_model(best)
-    images = torch.stack([EvalTransform(spec)(decode(p, spec)) for p, _ in splits["test"]])
+    images = torch.stack([EvalTransform(spec)(pixel_tensor(p, spec)) for p, _ in splits["test"]])
     labels = torch.tensor([label for _, label in splits["test"]])
     with torch.no_grad():
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
@@ -387,7 +387,7 @@ def _evaluate_checkpoint(ckpt: dict, run_dir: Path, label_smoothing: float):
     splits = json.loads((run_dir / "splits.json").read_text())
     spec = checkpoint.preprocessing_of(ckpt)
     transform = EvalTransform(spec)
-    images = torch.stack([transform(decode(path, spec)) for path, _ in splits["val"]])
+    images = torch.stack([transform(pixel_tensor(path, spec)) for path, _ in splits["val"]])
     labels = torch.tensor([label for _, label in splits["val"]])
     precision = Precision(torch.device("cpu"), json.loads((run_dir / "config.json").read_text())["precision"])
     with torch.no_grad(), precision.autocast():

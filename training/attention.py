@@ -16,7 +16,7 @@ from imaging.heatmap import overlay
 from training import checkpoint
 from training.reports import plt, save_figure
 from training.study import split_lists
-from training.transforms import EvalTransform, decode
+from training.transforms import EvalTransform, pixel_tensor
 
 IMAGES_PER_CLASS = 2
 
@@ -40,7 +40,7 @@ def write_heatmaps(run_dir: Path, models: list[str], member: Member, class_names
     for name in models:
         ckpt = checkpoint.load(layout.member_files(name, member).best_checkpoint)
         model, spec = checkpoint.rebuild_model(ckpt), checkpoint.preprocessing_of(ckpt)
-        batch = torch.stack([EvalTransform(spec)(decode(img, spec)) for img in images])
+        batch = torch.stack([EvalTransform(spec)(pixel_tensor(img, spec)) for img in images])
         with torch.no_grad():
             logits, heatmaps = model.classify_and_explain(batch)
         top = logits.argmax(1)

@@ -26,7 +26,7 @@ from training import checkpoint, reports
 from training.config import ConfigError, TrainConfig
 from training.engine import Precision
 from training.synthetic import ensure_builtin_ood
-from training.transforms import EvalTransform, decode
+from training.transforms import EvalTransform, pixel_tensor
 
 MAX_OOD_IMAGES = 1000  # the first this many (in name order) of a large --ood-data folder
 ARRAYS = ("val_confidence", "val_correct")  # kept in best.pt, left out of report.json
@@ -97,7 +97,7 @@ def load_ood(config: TrainConfig, trained_on: list[str], preprocessing) -> OutOf
     kept, tensors = [], []
     for p in paths:
         try:
-            tensors.append(decode(p, preprocessing))
+            tensors.append(pixel_tensor(p, preprocessing))
         except (OSError, ValueError):  # an unreadable file is simply not part of the check
             continue
         kept.append(p)

@@ -23,7 +23,7 @@ import imaging
 from imaging.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
-def decode(source: imaging.Source | Image.Image, preprocessing: Preprocessing,
+def pixel_tensor(source: imaging.Source | Image.Image, preprocessing: Preprocessing,
            max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A file (or Pillow image) as the model sees it before normalisation: uint8, 3 x H x W."""
     img = source if isinstance(source, Image.Image) else imaging.load_rgb(source, max_pixels)
