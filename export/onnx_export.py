@@ -129,6 +129,18 @@ def set_metadata(model_proto: onnx.ModelProto, metadata: dict[str, str]) -> None
         entry.key, entry.value = key, value
 
 
+# Node metadata the exporter writes that names this machine's files (source paths and line
+# numbers): a file must not depend on, or tell, where it was built.
+BUILD_PATH_METADATA = ("pkg.torch.onnx.stack_trace",)
+
+
+def drop_build_paths(model_proto: onnx.ModelProto) -> None:
+    for node in [*model_proto.graph.node, *(n for f in model_proto.functions for n in f.node)]:
+        kept = [p for p in node.metadata_props if p.key not in BUILD_PATH_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+
+
 def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int = DEFAULT_OPSET,
                  training_run: str = SINGLE,
                  abstain_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> Path:
@@ -150,6 +162,7 @@ def export_model(ckpt: dict, checkpoint_sha256: str, out_path: Path, opset: int 
                 opset_version=opset, dynamo=True, external_data=False, verbose=False,
             )
         proto = onnx.load(str(tmp))
+        drop_build_paths(proto)
         set_metadata(proto, metadata_for(ckpt, checkpoint_sha256, training_run=training_run,
                                          abstain_accuracy=abstain_accuracy))
         onnx.save(proto, str(tmp))

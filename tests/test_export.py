@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import imaging
-from conftest import TINY_SIZE, run_python
+from conftest import ROOT, TINY_SIZE, run_python
 from export import parity
 from export.onnx_export import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES
 from imaging.preprocessing import Preprocessing
@@ -173,6 +173,10 @@ def test_onnx_file_facts(trained_run, exported_models, name):
     assert meta["torch_version"] == torch.__version__ and meta["onnx_version"] == onnx.__version__
     assert meta["precision"] == "fp32"
     assert datetime.datetime.fromisoformat(meta["exported_at"]).tzinfo is not None
+    # Nothing in the file names the machine it was built on (the exporter's stack traces do).
+    data = path.read_bytes()
+    for build_path in (str(ROOT), os.path.dirname(torch.__file__)):
+        assert build_path.encode() not in data
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
