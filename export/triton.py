@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import onnx
 
 from common.errors import UserError, run_cli
-from common.files import temporary_path
+from common.files import atomic_folder
 from common.tensor_names import DATATYPES, MODEL_VERSION, model_name
 
 MAX_BATCH_SIZE = 32  # Triton batches concurrent requests up to this many images
@@ -98,14 +97,11 @@ def add_model(onnx_path: Path, repo: Path, name: str | None = None) -> Path:
     labels = class_names_of(model, onnx_path)
     # Build next to the final folder, then swap it in: a reader never sees half a model.
     folder = Path(repo) / name
-    tmp = temporary_path(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / MODEL_VERSION).mkdir(parents=True)
-    shutil.copyfile(onnx_path, tmp / MODEL_VERSION / "model.onnx")
-    (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
-    (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        (tmp / MODEL_VERSION).mkdir()
+        shutil.copyfile(onnx_path, tmp / MODEL_VERSION / "model.onnx")
+        (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
+        (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     return folder
 
 

@@ -32,6 +32,20 @@ def test_atomic_write_renames_into_place_or_leaves_nothing(tmp_path):
     assert target.read_text() == '{\n  "a": 1\n}\n' and list(tmp_path.iterdir()) == [target]
 
 
+def test_atomic_folder_replaces_the_old_one_whole_or_keeps_it(tmp_path):
+    target = tmp_path / "data"
+    (target / "old").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        with files.atomic_folder(target) as tmp:
+            (tmp / "new").mkdir()
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and [p.name for p in target.iterdir()] == ["old"]
+    with files.atomic_folder(target) as tmp:
+        assert not (tmp / "old").exists()  # starts empty, whatever an earlier try left
+        (tmp / "new").mkdir()
+    assert [p.name for p in target.iterdir()] == ["new"] and [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
 def test_the_temporary_name_rule_and_the_cpu_count_are_written_once():
     sources = [p for folder in ("common", "imaging", "training", "export", "serve", "benchmarks")
                for p in (ROOT / folder).rglob("*.py")]

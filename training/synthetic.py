@@ -25,14 +25,12 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from common.files import temporary_path
+from common.files import atomic_folder
 
 CLASSES = ("checks", "dots", "rings", "stripes", "zigzag")
 VERSION = 1  # bump when the drawings change, so cached copies are regenerated
@@ -192,21 +190,17 @@ def _save(img: Image.Image, path_stem: Path, rng: np.random.Generator) -> None:
 def generate(root: Path, images_per_class: int = DEFAULT_IMAGES_PER_CLASS, seed: int = 0) -> Path:
     """Write the dataset as an ImageFolder under ``root`` (atomically: all or nothing)."""
     root = Path(root)
-    tmp = temporary_path(root)
-    shutil.rmtree(tmp, ignore_errors=True)
-    for label, name in enumerate(CLASSES):
-        (tmp / name).mkdir(parents=True)
-        for i in range(images_per_class):
-            rng = np.random.default_rng([seed, label, i])
-            _save(draw_image(label, rng), tmp / name / f"{name}_{i:04d}", rng)
-    # The broken files a real dataset tends to have.
-    jpeg = io.BytesIO()
-    draw_image(1, np.random.default_rng([seed, 99])).save(jpeg, "JPEG")
-    (tmp / BROKEN_FILES[0]).write_bytes(jpeg.getvalue()[:300])
-    (tmp / BROKEN_FILES[1]).write_bytes(b"")
-    shutil.rmtree(root, ignore_errors=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    with atomic_folder(root) as tmp:
+        for label, name in enumerate(CLASSES):
+            (tmp / name).mkdir()
+            for i in range(images_per_class):
+                rng = np.random.default_rng([seed, label, i])
+                _save(draw_image(label, rng), tmp / name / f"{name}_{i:04d}", rng)
+        # The broken files a real dataset tends to have.
+        jpeg = io.BytesIO()
+        draw_image(1, np.random.default_rng([seed, 99])).save(jpeg, "JPEG")
+        (tmp / BROKEN_FILES[0]).write_bytes(jpeg.getvalue()[:300])
+        (tmp / BROKEN_FILES[1]).write_bytes(b"")
     return root
 
 
@@ -214,16 +208,11 @@ def generate_ood(root: Path, images: int = DEFAULT_OOD_IMAGES, seed: int = 0) ->
     """Write the out-of-distribution set under ``root`` (atomically), the kinds in turn. Its
     seeds ([seed, 1000 + kind, i]) are not the dataset's ([seed, label, i], labels below 5)."""
     root = Path(root)
-    tmp = temporary_path(root)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i in range(images):
-        k = i % len(OOD_KINDS)
-        rng = np.random.default_rng([seed, 1000 + k, i])
-        _save(draw_ood_image(OOD_KINDS[k], rng), tmp / f"{OOD_KINDS[k]}_{i:04d}", rng)
-    shutil.rmtree(root, ignore_errors=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    with atomic_folder(root) as tmp:
+        for i in range(images):
+            k = i % len(OOD_KINDS)
+            rng = np.random.default_rng([seed, 1000 + k, i])
+            _save(draw_ood_image(OOD_KINDS[k], rng), tmp / f"{OOD_KINDS[k]}_{i:04d}", rng)
     return root
 
 
