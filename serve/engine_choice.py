@@ -191,8 +191,10 @@ def other(row: dict) -> str:
         return f"failed: {row['error']}"
     text = f"{row['median_ms']:.1f} ms"
     if row["faithful"] is False:
+        correlation = row["min_heatmap_correlation"]
         text += (f" (not faithful: top-1 mismatches {row['top1_mismatches']}, max probability diff "
-                 f"{row['max_probability_diff']:.2g}, heatmap correlation {row['min_heatmap_correlation']})")
+                 f"{row['max_probability_diff']:.2g}, heatmap correlation "
+                 f"{'–' if correlation is None else f'{correlation:.4f}'})")
     return text
 
 
