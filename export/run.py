@@ -37,6 +37,7 @@ from export.quantize import CALIBRATION_IMAGES, Quantizer, one_line_errors
 from export.sensitivity import Measure, choose_float_layers, summary
 from export.triton import write_repository
 from imaging.preprocessing import Preprocessing
+from serve.catalog import CHECK_VALIDATION_IMAGES
 from serve.predictor import create_session
 from training import checkpoint
 from training.models import MODEL_NAMES
@@ -174,6 +175,26 @@ def copy_examples(run_dir: Path, out_dir: Path, member: Member | None = None) ->
         target = examples_dir / f"{cls}_{taken[cls]}{Path(path).suffix.lower()}"
         shutil.copyfile(path, target)
         names.append(f"examples/{target.name}")
+    return names
+
+
+def copy_check_images(run_dir: Path, out_dir: Path, member: Member | None = None) -> list[str]:
+    """Up to CHECK_VALIDATION_IMAGES validation images that serve.app's engine choice checks
+    fidelity on (beside the examples), copied into the models folder: the server reads no file
+    outside it, and the serving image carries them."""
+    folder = out_dir / "check"
+    shutil.rmtree(folder, ignore_errors=True)
+    if not RunLayout(run_dir).splits.is_file():
+        return []
+    folder.mkdir(parents=True)
+    names = []
+    for path, _ in listed_split(run_dir, "val", member):
+        if len(names) == CHECK_VALIDATION_IMAGES:
+            break
+        if Path(path).is_file():
+            target = folder / f"{len(names):03d}{Path(path).suffix.lower()}"
+            shutil.copyfile(path, target)
+            names.append(f"check/{target.name}")
     return names
 
 
@@ -365,7 +386,8 @@ def export(args: argparse.Namespace) -> int:
     entries = [e for per_model in exported for e in per_model if e["precision"] == "fp32"] + \
               [e for per_model in exported for e in per_model if e["precision"] != "fp32"]
     examples = copy_examples(run_dir, out_dir, chosen[names[0]])
-    manifest = {"run": str(run_dir), "models": entries, "examples": examples, "selection": selection}
+    manifest = {"run": str(run_dir), "models": entries, "examples": examples, "selection": selection,
+                "check_images": copy_check_images(run_dir, out_dir, chosen[names[0]])}
     write_json(out_dir / "manifest.json", manifest)
     model_card.write(out_dir / "README.md", manifest, run_dir)
     print(f"Wrote {len(entries)} model(s), {len(examples)} example image(s), "

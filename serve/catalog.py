@@ -20,7 +20,6 @@ from PIL import Image
 import imaging
 from common.errors import UserError
 from common.files import sha256_of
-from common.run_layout import RunLayout
 from serve import engine_choice
 from serve.predictor import ENGINES, Predictor, available_engines, engine_precisions
 
@@ -30,7 +29,7 @@ from serve.predictor import ENGINES, Predictor, available_engines, engine_precis
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 FILE_PRECISION = {"auto": "fp32", "fp32": "fp32", "bf16": "fp32", "int8": "int8"}
 ENGINE_CHOICES = ("auto", *ENGINES)
-CHECK_VALIDATION_IMAGES = 32  # at most this many of the run's validation images check fidelity
+CHECK_VALIDATION_IMAGES = 32  # validation images the export copies for serve.app's fidelity check
 
 
 class CatalogError(UserError):
@@ -127,23 +126,13 @@ def candidate_pairs(engine: str, precision: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_images(folder: Path, manifest: dict, examples: list[Path]) -> list[Image.Image]:
-    """The images fidelity is checked on: every example, and up to CHECK_VALIDATION_IMAGES of
-    the run's validation images where the run the manifest names is on this machine."""
-    paths = list(examples)
-    run = manifest.get("run")
-    splits = RunLayout(run).splits if isinstance(run, str) else None
-    if splits is not None and splits.is_file():
-        try:
-            val = json.loads(splits.read_text(encoding="utf-8")).get("val", [])
-            paths += [Path(e[0]) for e in val[:CHECK_VALIDATION_IMAGES]
-                      if isinstance(e, list) and e and isinstance(e[0], str)]
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            pass  # no validation images: the examples alone
+def check_images(paths: list[Path]) -> list[Image.Image]:
+    """The images fidelity is checked on (the examples and the manifest's check images, copies
+    of validation images inside the models folder): each distinct, decodable image once."""
     images, seen = [], set()
     for path in paths:
         try:
-            digest = sha256_of(path)  # the examples are copies of validation images: once each
+            digest = sha256_of(path)  # the examples are copies of validation images too
             if digest not in seen:
                 images.append(imaging.load_rgb(path, imaging.SERVING_MAX_PIXELS))
                 seen.add(digest)
@@ -175,7 +164,9 @@ def load_catalog(folder: str | os.PathLike, precision: str = "fp32", threads: in
     examples = [inside(folder, name, "the example") for name in manifest.get("examples", [])
                 if isinstance(name, str)]
     examples = [path for path in examples if path.is_file()]
-    checks = check_images(folder, manifest, examples) if len(pairs) > 1 else []
+    check_paths = [inside(folder, name, "the check image") for name in manifest.get("check_images", [])
+                   if isinstance(name, str)]
+    checks = check_images(examples + check_paths) if len(pairs) > 1 else []
     predictors = []
     for entry, path in zip(entries, paths):
         if path is None:

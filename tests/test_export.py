@@ -5,6 +5,7 @@ import os
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from export.onnx_export import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES
 from imaging.preprocessing import Preprocessing
 from training.layers import ExpMish, PooledMish
 from export.run import validation_images
+from serve.catalog import CHECK_VALIDATION_IMAGES
 from serve.predictor import create_session
 from training import checkpoint
 from training.models import ARCHITECTURES, MODEL_NAMES, create_model
@@ -213,6 +215,11 @@ def test_manifest_matches_the_files(trained_run, exported_models):
     for example in manifest["examples"]:
         assert (exported_models / example).is_file()
         imaging.load_rgb(exported_models / example)  # a real image
+    # The engine choice's check images: the first validation images, copied into the folder.
+    val = json.loads((trained_run / "splits.json").read_text())["val"]
+    assert 0 < len(manifest["check_images"]) == min(len(val), CHECK_VALIDATION_IMAGES)
+    for name, (source, _) in zip(manifest["check_images"], val):
+        assert name.startswith("check/") and _sha256(exported_models / name) == _sha256(Path(source))
 
 
 def test_model_card_is_generated_from_the_manifest_and_reports(trained_run, exported_models):

@@ -181,8 +181,14 @@ def point_example_through_a_symlink(tmp_path, models):
     return manifest, "examples/link.jpg"
 
 
+def point_check_image_absolute(tmp_path, models):
+    manifest, secret = example_outside(tmp_path, models)
+    manifest["check_images"] = [str(secret)]  # refused even where no engine choice reads them
+    return manifest, str(secret)
+
+
 @pytest.mark.parametrize("breakage", [point_example_up, point_example_absolute, point_model_absolute,
-                                      point_example_through_a_symlink])
+                                      point_example_through_a_symlink, point_check_image_absolute])
 def test_a_manifest_naming_files_outside_its_folder_stops_start_up(exported_models, tmp_path, breakage):
     models = copy_models(exported_models, tmp_path)
     manifest, named = breakage(tmp_path, models)
