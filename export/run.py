@@ -24,7 +24,7 @@ import torch
 
 from common.calibration import DEFAULT_TARGET_ACCURACY
 from common.errors import UserError, run_cli
-from common.files import sha256_of, temporary_path, write_json
+from common.files import atomic_folder, sha256_of, temporary_path, write_json
 from common.run_layout import RUNS_DIR, Member, RunLayout, newest_run
 from export import model_card
 from export.onnx_export import (CALIBRATION_KEYS, DEFAULT_OPSET, ExportError, export_model, metadata_for,
@@ -163,18 +163,16 @@ def copy_examples(run_dir: Path, out_dir: Path, member: Member | None = None) ->
     if not splits_file.is_file():
         return []
     class_names = json.loads(splits_file.read_text())["class_names"]
-    examples_dir = out_dir / "examples"
-    shutil.rmtree(examples_dir, ignore_errors=True)
-    examples_dir.mkdir(parents=True)
     names, taken = [], {}
-    for path, label in listed_split(run_dir, "val", member):
-        cls = class_names[label]
-        if taken.get(cls, 0) >= EXAMPLES_PER_CLASS or not Path(path).is_file():
-            continue
-        taken[cls] = taken.get(cls, 0) + 1
-        target = examples_dir / f"{cls}_{taken[cls]}{Path(path).suffix.lower()}"
-        shutil.copyfile(path, target)
-        names.append(f"examples/{target.name}")
+    with atomic_folder(out_dir / "examples") as examples_dir:
+        for path, label in listed_split(run_dir, "val", member):
+            cls = class_names[label]
+            if taken.get(cls, 0) >= EXAMPLES_PER_CLASS or not Path(path).is_file():
+                continue
+            taken[cls] = taken.get(cls, 0) + 1
+            target = examples_dir / f"{cls}_{taken[cls]}{Path(path).suffix.lower()}"
+            shutil.copyfile(path, target)
+            names.append(f"examples/{target.name}")
     return names
 
 
@@ -182,19 +180,15 @@ def copy_check_images(run_dir: Path, out_dir: Path, member: Member | None = None
     """Up to CHECK_VALIDATION_IMAGES validation images that serve.app's engine choice checks
     fidelity on (beside the examples), copied into the models folder: the server reads no file
     outside it, and the serving image carries them."""
-    folder = out_dir / "check"
-    shutil.rmtree(folder, ignore_errors=True)
-    if not RunLayout(run_dir).splits.is_file():
-        return []
-    folder.mkdir(parents=True)
     names = []
-    for path, _ in listed_split(run_dir, "val", member):
-        if len(names) == CHECK_VALIDATION_IMAGES:
-            break
-        if Path(path).is_file():
-            target = folder / f"{len(names):03d}{Path(path).suffix.lower()}"
-            shutil.copyfile(path, target)
-            names.append(f"check/{target.name}")
+    with atomic_folder(out_dir / "check") as folder:
+        for path, _ in listed_split(run_dir, "val", member):
+            if len(names) == CHECK_VALIDATION_IMAGES:
+                break
+            if Path(path).is_file():
+                target = folder / f"{len(names):03d}{Path(path).suffix.lower()}"
+                shutil.copyfile(path, target)
+                names.append(f"check/{target.name}")
     return names
 
 

@@ -207,18 +207,19 @@ def test_comparison_reports_calibration_per_model(trained_run):
     assert (trained_run / "calibration.png").stat().st_size > 10_000
 
 
-def _summary(ece_after: float, auroc: tuple[float, float, float]) -> dict:
+def _summary(ece_after: float, auroc: tuple[float, float, float], split_name: str = "test") -> dict:
     ece = lambda v: {"value": v, "low": v, "high": v, "n": 80}  # noqa: E731
     split = {"images": 80, "accuracy": 0.8, "mean_confidence_before": 0.6,
              "before": {"ece": ece(0.2), "nll": ece(0.6)}, "after": {"ece": ece(ece_after), "nll": ece(0.5)},
              "ece_if_calibrated": {"mean": 0.09, "p95": 0.12}, "kept_at_threshold": {"coverage": 0.75}}
-    return {"display_name": "M", "temperature": 0.5, "splits": {"test": split},
-            "ood": {"unsure_share": 0.3, "in_distribution_split": "test",
+    return {"display_name": "M", "temperature": 0.5, "splits": {split_name: split},
+            "ood": {"unsure_share": 0.3, "in_distribution_split": split_name,
                     "auroc": dict(zip(("value", "low", "high"), auroc))}}
 
 
 @pytest.mark.parametrize("ece_after, auroc, says", [
-    (0.11, (0.5, 0.4, 0.6), ["as calibrated as these images can show", "cannot tell them from the test images"]),
+    (0.11, (0.5, 0.4, 0.6), ["as calibrated as these images can show",
+                             "no better than chance at telling them from the test images"]),
     (0.13, (0.8, 0.7, 0.9), ["still above what a calibrated model shows", "better than chance"]),
     (0.11, (0.3, 0.2, 0.4), ["more confident on them than on the test images"]),
 ])
@@ -228,6 +229,14 @@ def test_calibration_sentence_says_what_its_numbers_support(ece_after, auroc, sa
     text = sentence(_summary(ece_after, auroc), "test")
     assert all(phrase in text for phrase in says), text
     assert "0.200 to " + f"{ece_after:.3f}" in text and "on 25% of the test images" in text
+
+
+def test_calibration_sentence_names_the_split_it_compares_with():
+    """A run without a test split compares the out-of-distribution images with validation."""
+    from training.calibration_report import sentence
+
+    text = sentence(_summary(0.11, (0.5, 0.4, 0.6), "val"), "val")
+    assert "test" not in text and "telling them from the validation images" in text
 
 
 # --- the exported files ---------------------------------------------------------------------------

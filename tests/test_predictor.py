@@ -194,6 +194,8 @@ CHILD = textwrap.dedent('''
     else:
         sys.exit("torch is importable: the blocker is not active")
     from serve.predictor import Predictor
+    import common.datasets, common.metrics, common.confusion_image, common.run_layout, common.calibration  # noqa
+    import serve.catalog, serve.evaluate  # noqa: the torch-free homes and the commands built on them
     predictor = Predictor(sys.argv[1])
     prediction = predictor.predict_file(sys.argv[2])
     loaded = sorted(m for m in sys.modules if m.partition(".")[0] in {"torch", "torchvision", "training", "export"})

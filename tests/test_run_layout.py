@@ -65,11 +65,12 @@ def test_run_folder_names_are_written_once():
     names = re.compile(r'"(best|last)\.pt"|"(report|config|splits|comparison|bad_files)\.json"'
                        r'|"(predictions|history|logits|ood)\.csv"|"comparison\.md"'
                        r'|"(comparison|calibration|heatmaps|errors|curves|confusion)\.png"')
-    found = {p.relative_to(ROOT).as_posix() for folder in ("common", "imaging", "training", "export", "serve",
-                                                          "benchmarks")
+    found = {p.relative_to(ROOT).as_posix(): set(m.group(0) for m in names.finditer(p.read_text()))
+             for folder in ("common", "imaging", "training", "export", "serve", "benchmarks")
              for p in (ROOT / folder).rglob("*.py") if names.search(p.read_text())}
     # serve.evaluate writes a report.json of its own, into its --out folder, not into a run.
-    assert found == {"common/run_layout.py", "serve/evaluate.py"}
+    assert set(found) == {"common/run_layout.py", "serve/evaluate.py"}
+    assert found["serve/evaluate.py"] == {'"report.json"'}
 
 
 def test_the_layout_names_every_file_a_single_run_writes(trained_run):

@@ -177,18 +177,18 @@ def sentence(m: dict, split: str) -> str:
             f"images), NLL from {s['before']['nll']['value']:.3f} to {s['after']['nll']['value']:.3f}.")
     if "ood" in m:
         o, auroc = m["ood"], m["ood"]["auroc"]
+        inside = TITLES[o["in_distribution_split"]]
         if auroc["low"] is None:
             tells = ""
         elif auroc["low"] > 0.5:
-            tells = ", better than chance at telling them from the test images"
+            tells = f", better than chance at telling them from the {inside} images"
         elif auroc["high"] < 0.5:
-            tells = ": it is more confident on them than on the test images"
+            tells = f": it is more confident on them than on the {inside} images"
         else:
-            tells = ": its confidence cannot tell them from the test images"
+            tells = f": its confidence is no better than chance at telling them from the {inside} images"
         unsure_inside = 1 - m["splits"][o["in_distribution_split"]]["kept_at_threshold"]["coverage"]
         text += (f" Unsure on {o['unsure_share']:.0%} of the out-of-distribution images and on "
-                 f"{unsure_inside:.0%} of the {TITLES[o['in_distribution_split']]} images (AUROC "
-                 f"{_ci(auroc, 2)}{tells}).")
+                 f"{unsure_inside:.0%} of the {inside} images (AUROC {_ci(auroc, 2)}{tells}).")
     return text
 
 

@@ -45,7 +45,7 @@ class Source:
 
     @property
     def label(self) -> str:
-        return self.member.label or f"seed-{self.member.seed}"
+        return self.member.label or Member.of_seed(self.member.seed).label
 
     def files(self, model: str) -> ModelFiles:
         return RunLayout(self.run_dir).member_files(model, self.member)

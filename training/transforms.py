@@ -1,6 +1,6 @@
 """The training-side pipelines, each stated once (after torchvision's classification presets).
 
-Images reach these pipelines already decoded to RGB uint8 CHW tensors (see ``decode``): the
+Images reach these pipelines already decoded to RGB uint8 CHW tensors (see ``pixel_tensor``): the
 data loader decodes each file once and caches it, so the random augmentation is drawn fresh
 every epoch from the cached copy. Evaluation uses the exact H x W resize, built from
 ``imaging.preprocessing.Preprocessing``, the spec serving uses too. Training crops from a
@@ -24,7 +24,7 @@ from imaging.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 def pixel_tensor(source: imaging.Source | Image.Image, preprocessing: Preprocessing,
-           max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> torch.Tensor:
+                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A file (or Pillow image) as the model sees it before normalisation: uint8, 3 x H x W."""
     img = source if isinstance(source, Image.Image) else imaging.load_rgb(source, max_pixels)
     return torch.from_numpy(np.ascontiguousarray(preprocessing.pixels(img).transpose(2, 0, 1)))
@@ -207,7 +207,7 @@ def _blur(x, sigma):
 
 
 class EvalTransform:
-    """Validation and inference: the decoded image (``decode``), scaled to [0, 1] and
+    """Validation and inference: the decoded image (``pixel_tensor``), scaled to [0, 1] and
     normalised with the spec's mean and std."""
 
     def __init__(self, preprocessing: Preprocessing):
