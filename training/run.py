@@ -130,7 +130,7 @@ def train(argv: list[str] | None = None) -> int:
             for name in config.models:
                 if world.is_main and member.label:
                     print(f"--- {name}, {member.label}", flush=True)
-                train_model(name, member_config, member_data, layout.member_files(name, member).folder,
+                train_model(name, member_config, member_data, layout.member_files(name, member),
                             world, device)
         if world.is_main:
             sizes = ", ".join(f"{n} {len(s)}" for n, s in data.splits.items())

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from common.run_layout import Member, RunLayout
-from training.config import TrainConfig
+from training.config import TrainConfig, from_dict
 
 
 def members(config: TrainConfig) -> list[Member]:
@@ -19,8 +19,6 @@ def members(config: TrainConfig) -> list[Member]:
 
 def run_members(run_dir: Path) -> list[Member]:
     """The members of a finished or started run, from its config.json."""
-    from training.config import from_dict
-
     return members(from_dict(json.loads(RunLayout(run_dir).config.read_text())))
 
 

@@ -127,10 +127,10 @@ class ModelRun:
         return self.ema.module if self.ema is not None else self.model
 
 
-def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
+def train_model(name: str, config: TrainConfig, data: PreparedData, files: ModelFiles,
                 world: World, device: torch.device) -> dict:
     """Train (or continue training) one architecture; returns its report."""
-    run = set_up(name, config, data, model_dir, world, device)
+    run = set_up(name, config, data, files, world, device)
     resume(run)
     for epoch in range(run.start_epoch, config.epochs + 1):
         if run.finished:
@@ -154,14 +154,13 @@ def train_model(name: str, config: TrainConfig, data: PreparedData, model_dir: P
     return final_report(run)
 
 
-def set_up(name: str, config: TrainConfig, data: PreparedData, model_dir: Path,
+def set_up(name: str, config: TrainConfig, data: PreparedData, files: ModelFiles,
            world: World, device: torch.device) -> ModelRun:
-    model_dir.mkdir(parents=True, exist_ok=True)
+    files.folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = create_model(name, len(data.class_names))  # the same initial weights on every rank
     if world.rank:
         torch.manual_seed(config.seed + world.rank)  # but each rank its own dropout masks
-    files = ModelFiles(model_dir)
     if config.init_weights and not files.last_checkpoint.exists():
         transfer.load_init_weights(model, config.init_weights, verbose=world.is_main)
     model.to(device)
